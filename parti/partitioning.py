@@ -1,0 +1,209 @@
+"""Device meshes and the logical-to-mesh axis rules: the one module that knows mesh axes.
+
+Model code names only *logical* axes (`batch`, `embed`, `mlp`, `heads`, ...), through
+`nn.with_logical_partitioning` on parameters and `nn.with_logical_constraint` on
+activations. This module owns the physical side: the mesh axes, how a mesh is built
+from a `MeshConfig`, and the rule sets that map logical axes onto mesh axes.
+
+Mesh axes (always all three, so every rule set applies to every mesh; unused ones
+have size 1):
+
+| mesh axis | what it splits                                                     |
+|-----------|--------------------------------------------------------------------|
+| `data`    | the batch (pure data parallelism: parameters replicated)          |
+| `fsdp`    | the batch *and* the parameters (ZeRO-3 / fully-sharded data par.) |
+| `model`   | attention heads and the MLP hidden dimension (Megatron-style)      |
+
+Logical axes used by the project's modules:
+
+| logical axis | meaning                                   |
+|--------------|-------------------------------------------|
+| `batch`      | examples                                  |
+| `length`     | sequence positions (text or image tokens) |
+| `embed`      | the model (residual) dimension            |
+| `mlp`        | the MLP hidden dimension                  |
+| `heads`      | attention heads                           |
+| `kv`         | per-head dimension                        |
+| `vocab`      | vocabulary / codebook entries             |
+| `layers`     | the stacked-layer axis of a scanned stack |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from parti.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "model")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# The batch is split over every axis that holds copies of the model.
+_BATCH = ("data", "fsdp")
+
+# Rule sets, named after the strategies of the Parti and GSPMD papers. Every
+# logical axis a module uses appears in each set; `None` means replicated.
+RULE_SETS: dict[str, LogicalRules] = {
+  # Parti 350M / 750M: parameters replicated, batch split.
+  "data_parallel": (
+    ("batch", _BATCH),
+    ("length", None),
+    ("embed", None),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("vocab", None),
+    ("layers", None),
+  ),
+  # Parti 3B: in-layer model parallelism over heads and the MLP hidden dimension.
+  "model_parallel": (
+    ("batch", _BATCH),
+    ("length", None),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("layers", None),
+  ),
+  # FSDP: as model_parallel, plus each parameter's embed dimension split over
+  # `fsdp`, gathered just in time for its matmul by GSPMD.
+  "fsdp": (
+    ("batch", _BATCH),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("layers", None),
+  ),
+  # GSPMD's "2d sharding": weights split on both dimensions, activations on the
+  # embed dimension too, so no device holds a full activation or weight.
+  "2d": (
+    ("batch", _BATCH),
+    ("length", None),
+    ("embed", "model"),
+    ("mlp", "fsdp"),
+    ("heads", "fsdp"),
+    ("kv", None),
+    ("vocab", "fsdp"),
+    ("layers", None),
+  ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """How to lay the devices out as a (data, fsdp, model) mesh.
+
+  Attributes:
+    data: size of the `data` axis; -1 takes every device the other axes leave.
+    fsdp: size of the `fsdp` axis.
+    model: size of the `model` axis (number of model partitions).
+    rules: name of the logical-axis rule set in `RULE_SETS`.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+  rules: str = "data_parallel"
+
+  def __post_init__(self):
+    for name in MESH_AXES:
+      size = getattr(self, name)
+      if not isinstance(size, int) or (size < 1 and size != -1):
+        raise ConfigError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}.")
+    if [getattr(self, name) for name in MESH_AXES].count(-1) > 1:
+      raise ConfigError(f"At most one MeshConfig axis may be -1, got {self}.")
+    if self.rules not in RULE_SETS:
+      raise ConfigError(f"Unknown rule set {self.rules!r}; known: {sorted(RULE_SETS)}.")
+
+  def axis_sizes(self, num_devices: int) -> tuple[int, ...]:
+    """The concrete (data, fsdp, model) sizes for `num_devices` devices.
+
+    Raises:
+      ConfigError: if the sizes do not multiply to `num_devices`.
+    """
+    sizes = [getattr(self, name) for name in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ConfigError(
+          f"Mesh {self._describe()} does not divide the {num_devices} devices: "
+          f"{num_devices} is not a multiple of {known}."
+        )
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ConfigError(
+        f"Mesh {self._describe()} needs {math.prod(sizes)} devices but {num_devices} "
+        "are available. Set one axis to -1 to take the rest."
+      )
+    return tuple(sizes)
+
+  def _describe(self) -> str:
+    return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES)
+
+
+def create_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, model) mesh over `devices` (default: every device).
+
+  Every axis is `AxisType.Auto`, which linen's logical constraints need.
+  `jax.make_mesh` orders devices by their physical topology (and, across hosts,
+  keeps each host's devices together), so the same config is multi-host aware.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = config.axis_sizes(len(devices))
+  return jax.make_mesh(
+    sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
+
+
+def rules_for(config: MeshConfig) -> LogicalRules:
+  """The logical-to-mesh rules that `config` names."""
+  return RULE_SETS[config.rules]
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: LogicalRules) -> PartitionSpec:
+  """The mesh PartitionSpec of an array whose dimensions have `logical_axes`."""
+  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def logical_sharding(
+  mesh: Mesh, logical_axes: Sequence[str | None], rules: LogicalRules
+) -> NamedSharding:
+  """A NamedSharding on `mesh` for an array whose dimensions have `logical_axes`."""
+  return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def tree_shardings(mesh: Mesh, abstract_tree, rules: LogicalRules):
+  """Shardings for a pytree of (possibly logically partitioned) abstract values.
+
+  This is the middle of the init recipe: `jax.eval_shape(init)` -> this ->
+  `jax.jit(init, out_shardings=...)`.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways the batch is split: a global batch must be a multiple of it."""
+  return int(np.prod([mesh.shape[axis] for axis in _BATCH]))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Fails early, and clearly, when the batch does not split over the mesh."""
+  divisor = batch_divisor(mesh)
+  if global_batch_size % divisor:
+    raise ConfigError(
+      f"Global batch size {global_batch_size} does not divide over the data axes "
+      f"({' x '.join(f'{a}={mesh.shape[a]}' for a in _BATCH)} = {divisor} ways). "
+      f"Use a multiple of {divisor}."
+    )

@@ -1,0 +1,99 @@
+"""Installs Parti-in-JAX as one import namespace, `parti`.
+
+The checkout keeps the top-level layout that the project documents (`parti/`,
+`tokenizer/`, `tasks/`, `gin/`), and this file maps it onto a single package:
+
+  parti/      -> parti
+  tokenizer/  -> parti.tokenizer
+  tasks/      -> parti.tasks
+  gin/        -> parti/gin (package data: the gin configs of every job)
+
+so an install never puts generic names such as `tasks` or `tokenizer` into
+site-packages.
+"""
+
+import pathlib
+
+import setuptools
+
+_ROOT = pathlib.Path(__file__).parent
+
+# Top-level source folder -> the package it becomes.
+_PACKAGE_ROOTS = {
+  "parti": "parti",
+  "parti.tokenizer": "tokenizer",
+  "parti.tasks": "tasks",
+}
+
+
+def _packages_and_dirs():
+  """Every package and subpackage under the mapped folders, with its folder."""
+  package_dir = dict(_PACKAGE_ROOTS)
+  packages = []
+  for package, folder in _PACKAGE_ROOTS.items():
+    packages.append(package)
+    for sub in setuptools.find_packages(where=folder):
+      packages.append(f"{package}.{sub}")
+  return packages, package_dir
+
+
+def _gin_packages():
+  """The gin folders as data-only packages under `parti.gin`."""
+  gin_root = _ROOT / "gin"
+  names = {"parti.gin": "gin"}
+  for folder in sorted(p for p in gin_root.rglob("*") if p.is_dir()):
+    relative = folder.relative_to(gin_root)
+    names["parti.gin." + ".".join(relative.parts)] = str(pathlib.Path("gin", relative))
+  return names
+
+
+_packages, _package_dir = _packages_and_dirs()
+_gin = _gin_packages()
+_packages += list(_gin)
+_package_dir.update(_gin)
+
+# Each lower bound is the version the test suite last ran green against; older
+# releases are untested (jax and flax in particular change APIs quickly).
+_INSTALL_REQUIRES = [
+  "absl-py>=2.5.1",
+  "clu>=0.0.12",
+  "flax>=0.12.8",
+  "gin-config>=0.5.0",
+  "jax>=0.10.2",
+  "numpy>=2.4.6",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12.8",
+  "pillow>=13.0.0",
+  "sentencepiece>=0.2.3",
+  # The input pipeline only: the model, tokenizer and sampler import without it.
+  "seqio>=0.0.20",
+  "tensorboard>=2.21.0",
+  "tensorflow>=2.21.0",
+  "tensorflow-datasets>=4.9.10",
+  "tensorflow-text>=2.21.1",
+]
+
+_EXTRAS_REQUIRE = {
+  "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "setuptools>=69", "wheel"],
+}
+
+setuptools.setup(
+  name="parti-jax",
+  version="0.1.0.dev0",
+  description="Parti: autoregressive text-to-image generation in JAX (ViT-VQGAN + encoder-decoder).",
+  long_description=(_ROOT / "README.md").read_text(encoding="utf-8"),
+  long_description_content_type="text/markdown",
+  license="Apache-2.0",
+  python_requires=">=3.11",
+  packages=_packages,
+  package_dir=_package_dir,
+  package_data={name: ["*.gin"] for name in _gin},
+  include_package_data=False,
+  install_requires=_INSTALL_REQUIRES,
+  extras_require=_EXTRAS_REQUIRE,
+  classifiers=[
+    "Programming Language :: Python :: 3",
+    "License :: OSI Approved :: Apache Software License",
+    "Topic :: Scientific/Engineering :: Artificial Intelligence",
+  ],
+)

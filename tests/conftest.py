@@ -1,0 +1,84 @@
+"""Test harness: 8 fake CPU devices, so every run tests sharding; tiny fixtures; `slow`.
+
+The device count must be set before JAX starts its backend, which is why this runs
+at import time, before any test module imports jax.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+# Tests run on the CPU even where an accelerator is present: figures from a GPU
+# belong in bench/, and results must not depend on the machine.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+import pytest
+
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+
+from parti import partitioning  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The (data, fsdp, model) layouts that sharding tests sweep over 8 devices.
+MESH_LAYOUTS = {
+  "8x1": partitioning.MeshConfig(data=8, model=1),
+  "4x2": partitioning.MeshConfig(data=4, model=2, rules="model_parallel"),
+  "2x4": partitioning.MeshConfig(data=2, model=4, rules="model_parallel"),
+  "1x8": partitioning.MeshConfig(data=1, model=8, rules="model_parallel"),
+  "fsdp4x2": partitioning.MeshConfig(data=1, fsdp=4, model=2, rules="fsdp"),
+}
+
+
+def pytest_configure(config):
+  devices = jax.devices()
+  if len(devices) != NUM_DEVICES:
+    raise pytest.UsageError(
+      f"conftest could not fake {NUM_DEVICES} CPU devices (got {len(devices)}): "
+      "something started the JAX backend before conftest ran."
+    )
+
+
+@pytest.fixture(params=sorted(MESH_LAYOUTS), ids=str)
+def mesh_config(request) -> partitioning.MeshConfig:
+  """Each mesh layout in turn."""
+  return MESH_LAYOUTS[request.param]
+
+
+@pytest.fixture
+def mesh_4x2() -> jax.sharding.Mesh:
+  """The 4 (data) x 2 (model) mesh over the 8 fake devices."""
+  return partitioning.create_mesh(MESH_LAYOUTS["4x2"])
+
+
+@pytest.fixture
+def run_python():
+  """Runs `python -c code` (or `python -m ...` with args) in a fresh interpreter.
+
+  The child sees the same 8 fake CPU devices; it returns the CompletedProcess with
+  text output, and fails the test with the child's stderr if `check` and it failed.
+  """
+
+  def run(*args: str, cwd=None, check: bool = True, env=None, timeout: float = 300):
+    child_env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(NUM_DEVICES)}
+    child_env.update(env or {})
+    result = subprocess.run(
+      [sys.executable, *args],
+      cwd=cwd,
+      env=child_env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
+    if check and result.returncode != 0:
+      shown = " ".join(a if len(a) < 120 else a[:60] + "..." for a in args)
+      pytest.fail(f"python {shown} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+  return run
