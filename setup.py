@@ -59,6 +59,9 @@ _INSTALL_REQUIRES = [
   "clu>=0.0.12",
   "flax>=0.12.8",
   "gin-config>=0.5.0",
+  # tensorflow-datasets 4.9.10 imports it when preparing a dataset but does not
+  # declare it.
+  "importlib-resources>=6.5.2",
   "jax>=0.10.2",
   "numpy>=2.4.6",
   "optax>=0.2.8",

@@ -1,0 +1,1 @@
+"""The procedural compositional shapes dataset: spec, scenes, rendering, evaluator, TFDS builder."""

@@ -1,0 +1,59 @@
+"""The `parti_shapes` TFDS builder prepares every split and stores the scene with the image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from parti.tasks.shapes import builder, evaluate, render, scenes, spec
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  config = builder.PartiShapesConfig(
+    name="test_32", image_size=32, num_train=40, num_validation=8, num_test=8, num_compositional=8
+  )
+  shapes = builder.PartiShapes(config=config, data_dir=str(tmp_path_factory.mktemp("tfds")))
+  shapes.download_and_prepare()
+  return shapes
+
+
+def test_every_split_is_prepared(prepared):
+  splits = prepared.info.splits
+  assert {name: splits[name].num_examples for name in spec.SPLITS} == {
+    "train": 40, "validation": 8, "test": 8, "compositional": 8,
+  }  # fmt: skip
+
+
+def test_examples_hold_the_scene_they_render(prepared):
+  for example in tfds.as_numpy(prepared.as_dataset(split="compositional")):
+    scene = scenes.make_scene(0, "compositional", int(example["index"]))
+    assert scenes.from_example(example).caption == scene.caption
+    np.testing.assert_array_equal(example["image"], render.render(scene, 32))
+    assert example["caption"].decode() == scene.caption
+
+
+def test_named_configs():
+  names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
+  assert names == {"32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64}
+  assert builder.PartiShapes.DEFAULT_CONFIG_NAME == "64"
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "message"),
+  [(dict(image_size=8), "at least 16"), (dict(held_out=[("teal", "circle")]), "unknown color")],
+)
+def test_bad_config(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    builder.PartiShapesConfig(name="bad", **kwargs)
+
+
+def test_evaluator_reads_prepared_examples(prepared):
+  results = [
+    (scene.kind, evaluate.score(example["image"], scene))
+    for example in tfds.as_numpy(prepared.as_dataset(split="test"))
+    for scene in [scenes.from_example(example)]
+  ]
+  assert len(results) == 8
+  assert all(r["count"] and r["color"] for _, r in results)
