@@ -90,7 +90,10 @@ setuptools.setup(
   python_requires=">=3.11",
   packages=_packages,
   package_dir=_package_dir,
-  package_data={name: ["*.gin"] for name in _gin},
+  package_data={
+    **{name: ["*.gin"] for name in _gin},
+    "parti.tasks": ["vocab/*.model"],
+  },
   include_package_data=False,
   install_requires=_INSTALL_REQUIRES,
   extras_require=_EXTRAS_REQUIRE,

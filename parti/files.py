@@ -15,6 +15,12 @@ from typing import Any
 
 PathLike = str | os.PathLike[str]
 
+# mkstemp creates files readable by their owner alone; outputs should get the
+# permissions a plain open() would give. Read the umask once, at import, since
+# reading it means setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
   """Writes `data` to `path` atomically, creating parent folders. Returns the path."""
@@ -24,6 +30,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
   # real outputs never match a file still being written.
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
+    os.chmod(tmp, 0o666 & ~_UMASK)
     with os.fdopen(fd, "wb") as handle:
       handle.write(data)
       handle.flush()

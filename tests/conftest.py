@@ -82,3 +82,17 @@ def run_python():
     return result
 
   return run
+
+
+@pytest.fixture(scope="session")
+def shapes_tfds(tmp_path_factory):
+  """A tiny prepared parti_shapes config (32 px; 40/8/8/8 examples): (builder, data_dir)."""
+  from parti.tasks.shapes import builder
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config = builder.PartiShapesConfig(
+    name="test_32", image_size=32, num_train=40, num_validation=8, num_test=8, num_compositional=8
+  )
+  shapes = builder.PartiShapes(config=config, data_dir=data_dir)
+  shapes.download_and_prepare()
+  return shapes, data_dir

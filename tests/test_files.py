@@ -28,3 +28,10 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
     files.atomic_write_text(target, "new")
   assert target.read_text() == "old"
   assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+  path = files.atomic_write_text(tmp_path / "x.txt", "x")
+  umask = os.umask(0)
+  os.umask(umask)
+  assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -22,6 +22,11 @@ def _header(path):
   return match
 
 
+def _required_macros(path):
+  """The macros a file leaves for the command line (`X = %gin.REQUIRED`)."""
+  return re.findall(r"^(\w+) = %gin\.REQUIRED", path.read_text(), flags=re.MULTILINE)
+
+
 @pytest.fixture(autouse=True)
 def _clean_gin():
   gin.clear_config()
@@ -39,7 +44,7 @@ def test_gin_file_names_its_command_and_parses(path):
   assert (REPO_ROOT / header["file"]).resolve() == path.resolve(), "the header runs another file"
   # The job module registers its configurables on import.
   importlib.import_module(header["module"])
-  gin_utils.parse([str(path)], ["MODEL_DIR = '/tmp/unused'"])
+  gin_utils.parse([str(path)], [f"{macro} = '/tmp/unused'" for macro in _required_macros(path)])
   assert gin.config_is_locked()
 
 
@@ -55,3 +60,44 @@ def test_device_check_gin_runs(tmp_path):
   saved = json.loads((tmp_path / device_check.REPORT).read_text())
   assert saved["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
   assert "device_check.matmul_size = 64" in (tmp_path / gin_utils.OPERATIVE_CONFIG).read_text()
+
+
+def test_prepare_shapes_gin_runs_and_skips_when_prepared(tmp_path, capsys):
+  from parti.tasks import prepare_shapes
+
+  bindings = [
+    f"DATA_DIR = '{tmp_path}'",
+    "prepare_shapes.config = 'tiny'",
+    "prepare_shapes.image_size = 32",
+    "prepare_shapes.num_train = 12",
+    "prepare_shapes.num_eval = 4",
+  ]
+  gin_utils.parse(["gin/data/prepare_shapes.gin"], bindings)
+  shapes = prepare_shapes.configured_prepare_shapes()
+  assert shapes.info.splits["train"].num_examples == 12
+  assert (tmp_path / "parti_shapes_tiny_preview.png").stat().st_size > 0
+  prepare_shapes.configured_prepare_shapes()
+  assert "already prepared" in capsys.readouterr().out
+
+
+def test_prepare_shapes_rejects_unknown_and_shadowing_configs(tmp_path):
+  from parti.errors import ConfigError
+  from parti.tasks import prepare_shapes
+
+  with pytest.raises(ConfigError, match="Unknown shapes config 'huge'"):
+    prepare_shapes.prepare_shapes(data_dir=str(tmp_path), config="huge")
+  with pytest.raises(ConfigError, match="needs a new name"):
+    prepare_shapes.prepare_shapes(data_dir=str(tmp_path), config="64", num_train=5)
+
+
+def test_train_vocab_gin_runs(tmp_path):
+  from parti.tasks import train_vocab, vocabularies
+
+  gin_utils.parse(
+    ["gin/data/train_vocab_shapes.gin"],
+    [f"MODEL_DIR = '{tmp_path}'", "train_vocab.shapes_examples = 300"],
+  )
+  path = train_vocab.configured_train_vocab()
+  vocabulary = vocabularies.text_vocabulary(path)
+  assert vocabulary.decode(vocabulary.encode("a red circle")) == "a red circle"
+  assert "train_vocab.shapes_examples = 300" in (tmp_path / gin_utils.OPERATIVE_CONFIG).read_text()

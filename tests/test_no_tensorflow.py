@@ -12,6 +12,19 @@ import textwrap
 # Modules outside parti.tasks that are part of the input pipeline and may use TF.
 INPUT_PIPELINE_MODULES: tuple[str, ...] = ()
 
+# The parts of parti.tasks that evaluation and inference use, which must work on
+# machines without TensorFlow too.
+TF_FREE_TASK_MODULES = (
+  "parti.tasks",
+  "parti.tasks.records",
+  "parti.tasks.parti_prompts",
+  "parti.tasks.shapes",
+  "parti.tasks.shapes.spec",
+  "parti.tasks.shapes.scenes",
+  "parti.tasks.shapes.render",
+  "parti.tasks.shapes.evaluate",
+)
+
 _CHILD = textwrap.dedent(
   """
   import importlib, importlib.abc, pkgutil, sys
@@ -24,6 +37,7 @@ _CHILD = textwrap.dedent(
         raise ImportError(f"{name} is blocked: core modules must not need TensorFlow")
 
   sys.meta_path.insert(0, BlockTensorFlow())
+  TF_FREE_TASK_MODULES = {tf_free!r}
   try:
     import tensorflow
   except ImportError:
@@ -44,10 +58,13 @@ _CHILD = textwrap.dedent(
   for info in pkgutil.walk_packages(parti.tokenizer.__path__, "parti.tokenizer."):
     importlib.import_module(info.name)
     imported.append(info.name)
+  for name in TF_FREE_TASK_MODULES:
+    importlib.import_module(name)
+    imported.append(name)
   assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), "TF leaked in"
   print("\\n".join(imported))
   """
-)
+).replace("{tf_free!r}", repr(TF_FREE_TASK_MODULES))
 
 
 def test_core_imports_without_tensorflow(run_python, tmp_path):
@@ -55,6 +72,7 @@ def test_core_imports_without_tensorflow(run_python, tmp_path):
   imported = set(result.stdout.split())
   # The walk found the core: a broken walk that imports nothing must not pass.
   assert {"parti.partitioning", "parti.gin_utils", "parti.device_check"} <= imported
+  assert set(TF_FREE_TASK_MODULES) <= imported
 
 
 def test_device_check_runs_without_tensorflow(run_python, tmp_path):

@@ -9,14 +9,9 @@ import tensorflow_datasets as tfds
 from parti.tasks.shapes import builder, evaluate, render, scenes, spec
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  config = builder.PartiShapesConfig(
-    name="test_32", image_size=32, num_train=40, num_validation=8, num_test=8, num_compositional=8
-  )
-  shapes = builder.PartiShapes(config=config, data_dir=str(tmp_path_factory.mktemp("tfds")))
-  shapes.download_and_prepare()
-  return shapes
+@pytest.fixture
+def prepared(shapes_tfds):
+  return shapes_tfds[0]
 
 
 def test_every_split_is_prepared(prepared):
