@@ -35,6 +35,20 @@ def _captions_from_tfds(
     yield example.decode("utf-8", errors="replace")
 
 
+def _captions_from_task(name: str, split: str) -> Iterator[str]:
+  """Cleaned captions of a registered task's records (bad ones skipped and counted)."""
+  import seqio
+
+  from parti.tasks import records, registry  # noqa: F401  (registers the tasks)
+
+  task = seqio.get_mixture_or_task(name)
+  for record in task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
+    try:
+      yield records.clean_caption(record["caption"], record["key"].decode(errors="replace"))
+    except records.BadRecord as error:
+      records.SKIPPED.skip(record["key"].decode(errors="replace"), str(error))
+
+
 def _captions_from_file(path: str) -> Iterator[str]:
   with open(path, encoding="utf-8", errors="replace") as handle:
     for line in handle:
@@ -53,6 +67,7 @@ def train_vocab(
   *,
   output_dir: str,
   name: str = "spm",
+  task: str | None = None,
   tfds_name: str | None = None,
   shapes_examples: int | None = None,
   shapes_seed: int = 0,
@@ -66,16 +81,17 @@ def train_vocab(
 ) -> pathlib.Path:
   """Trains the vocabulary and writes `output_dir/name.model`.
 
-  Give exactly one caption source: `tfds_name`, `text_file` or `shapes_examples`.
+  Give exactly one caption source: `task`, `tfds_name`, `text_file` or `shapes_examples`.
 
   Args:
     output_dir: the folder to write to.
     name: the model's file name, without `.model`.
+    task: a registered image-text task (see parti.tasks.registry) whose captions to read.
     tfds_name: a TFDS dataset (with config) whose `text_key` feature holds captions.
     shapes_examples: read the captions of this many shapes training scenes,
       generated directly (no prepared dataset needed).
     shapes_seed: the shapes dataset seed.
-    split: its split.
+    split: the split of `task` or `tfds_name`.
     text_key: the caption feature.
     data_dir: the TFDS data dir (default: TFDS's).
     text_file: instead of TFDS, a file with one caption per line.
@@ -89,10 +105,14 @@ def train_vocab(
   Raises:
     ConfigError: no caption source, several, or one without captions.
   """
-  sources = [tfds_name, text_file, shapes_examples]
+  sources = [task, tfds_name, text_file, shapes_examples]
   if sum(source is not None for source in sources) != 1:
-    raise ConfigError("Give exactly one caption source: tfds_name, text_file or shapes_examples.")
-  if text_file is not None:
+    raise ConfigError(
+      "Give exactly one caption source: task, tfds_name, text_file or shapes_examples."
+    )
+  if task is not None:
+    texts = _captions_from_task(task, split)
+  elif text_file is not None:
     texts = _captions_from_file(text_file)
   elif tfds_name is not None:
     texts = _captions_from_tfds(tfds_name, split, text_key, data_dir)
@@ -101,7 +121,9 @@ def train_vocab(
   start = time.perf_counter()
   texts = list(itertools.islice(texts, max_sentences))
   if not texts:
-    raise ConfigError(f"No captions found in {text_file or tfds_name or 'the shapes scenes'}.")
+    raise ConfigError(
+      f"No captions found in {task or text_file or tfds_name or 'the shapes scenes'}."
+    )
   logging.info("Read %d captions in %.1fs.", len(texts), time.perf_counter() - start)
   model = vocabularies.train_sentencepiece(texts, vocab_size, model_type=model_type)
   path = files.atomic_write_bytes(pathlib.Path(output_dir) / f"{name}.model", model)

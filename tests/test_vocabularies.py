@@ -72,3 +72,19 @@ def test_vocab_job_reproduces_the_shipped_shapes_vocabulary(tmp_path):
   assert [made.id_to_piece(i) for i in range(made.vocab_size())] == [
     shipped.id_to_piece(i) for i in range(shipped.vocab_size())
   ]
+
+
+def test_vocab_job_on_a_task(tmp_path):
+  from parti.tasks import registry, sources
+
+  for i, word in enumerate(("red", "green", "blue", "")):
+    (tmp_path / f"{i}.png").write_bytes(b"unused: only captions are read")
+    (tmp_path / f"{i}.txt").write_text(f"a {word} kite flying" if word else "  ")
+  registry.register_image_text_task(
+    "test_vocab_task", sources.folder_source(str(tmp_path)), image_size=32
+  )
+  path = train_vocab.train_vocab(
+    output_dir=str(tmp_path / "out"), task="test_vocab_task", vocab_size=30
+  )
+  processor = spm.SentencePieceProcessor(model_file=str(path))
+  assert processor.decode(processor.encode("a blue kite flying")) == "a blue kite flying"
