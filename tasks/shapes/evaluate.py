@@ -36,8 +36,6 @@ _MAX_COLOR_DISTANCE = 36.0
 _MIN_AREA_FRACTION = 0.25
 # Centers must differ by this fraction of the image side for "left of" / "above".
 _RELATION_MARGIN = 0.08
-# Detected objects considered when matching, largest first.
-_MAX_CANDIDATES = 8
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation", "background", "all")
 
@@ -71,19 +69,24 @@ def detect(image: np.ndarray, background: str | None = None) -> list[DetectedObj
   background = background or detect_background(image)
   names = [n for n in spec.COLORS if spec.CLASHES.get(n) != background]
   palette = np.array([spec.COLORS[n] for n in names] + [spec.BACKGROUNDS[background]], np.float32)
-  distances = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - palette, axis=-1)
-  nearest = distances.argmin(-1)
-  pure = distances.min(-1) <= _MAX_COLOR_DISTANCE
+  squared = ((image.astype(np.float32)[:, :, None, :] - palette) ** 2).sum(-1)
+  nearest = squared.argmin(-1)
+  # Pixels near a palette color, labelled by it; the last label is the background.
+  classes = np.where(squared.min(-1) <= _MAX_COLOR_DISTANCE**2, nearest, len(names))
   smallest_side = spec.SIZE_RANGES["small"][0] * size
   min_area = max(2, int(_MIN_AREA_FRACTION * smallest_side**2 * 0.4))  # A star fills ~40%.
   found = []
-  for index, name in enumerate(names):
-    coverage = _coverage(image, spec.COLORS[name], spec.BACKGROUNDS[background])
-    labels, _ = ndimage.label(pure & (nearest == index), structure=np.ones((3, 3)))
+  present, counts = np.unique(classes, return_counts=True)
+  for index in present[(present < len(names)) & (counts >= min_area)]:
+    name = names[index]
+    labels, _ = ndimage.label(classes == index, structure=np.ones((3, 3)))
+    coverage = None
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
       seed = labels == label
       if seed[box].sum() < min_area:
         continue
+      if coverage is None:
+        coverage = _coverage(image, spec.COLORS[name], spec.BACKGROUNDS[background])
       # The object is every pixel near its pure core that is at least half its color.
       near = ndimage.binary_dilation(seed, iterations=2)
       found.append(_describe(name, np.where(near, coverage, 0.0), size))
@@ -159,7 +162,7 @@ def score(image: np.ndarray, scene: spec.Scene) -> dict[str, bool]:
   detected = detect(image, background)
   wanted = scene.objects
   result = {"count": len(detected) == len(wanted)}
-  best = _best_assignment(wanted, detected[:_MAX_CANDIDATES], scene)
+  best = _best_assignment(wanted, detected, scene)
   result["color"] = all(
     d is not None and d.color == w.color for w, d in zip(wanted, best, strict=True)
   )
@@ -195,10 +198,12 @@ def _agreement(wanted: spec.SceneObject, found: DetectedObject | None, scene: sp
 def _best_assignment(wanted, detected, scene) -> tuple[DetectedObject | None, ...]:
   """The one-to-one match of prompt objects to detections that agrees most.
 
-  Prompts have at most four objects and we keep at most eight detections, so
-  trying every assignment is cheap and exact.
+  Prompts have at most four objects and we try at most two more detections than
+  that, so trying every assignment is cheap (at most 360) and exact.
   """
-  slots = list(detected) + [None] * len(wanted)
+  # The largest detections are the real objects; two spares absorb a split or a speck.
+  candidates = list(detected[: len(wanted) + 2])
+  slots = candidates + [None] * max(0, len(wanted) - len(candidates))
   best, best_points = (None,) * len(wanted), -1
   for chosen in itertools.permutations(range(len(slots)), len(wanted)):
     match = tuple(slots[i] for i in chosen)
