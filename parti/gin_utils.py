@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import gin
 from absl import app, flags, logging
 
-from parti import files, partitioning
+from parti import files, optim, partitioning
 from parti.errors import ConfigError
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -47,6 +47,7 @@ OPERATIVE_CONFIG = "config.gin"
 # Dataclasses that every job's gin files may build (`@partitioning.MeshConfig()`).
 # Registering returns a gin-aware copy and leaves the class itself plain Python.
 gin.external_configurable(partitioning.MeshConfig, module="partitioning")
+gin.external_configurable(optim.AdamConfig, module="optim")
 
 
 class GinConfigError(ConfigError):

@@ -30,9 +30,11 @@ Logical axes used by the project's modules:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -207,3 +209,41 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
       f"({' x '.join(f'{a}={mesh.shape[a]}' for a in _BATCH)} = {divisor} ways). "
       f"Use a multiple of {divisor}."
     )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
+  """The mesh and rules under which model code is traced (for its logical constraints)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+  """Initializes a pytree directly into its shardings, never whole on one device.
+
+  The recipe: `jax.eval_shape(init_fn)` (allocates nothing) -> the logical
+  partition specs of its boxed leaves -> mesh shardings -> `jax.jit(init_fn,
+  out_shardings=...)`, returning plain (unboxed) arrays.
+
+  Args:
+    init_fn: builds the tree, with leaves boxed by `nn.with_logical_partitioning`.
+    mesh: the device mesh.
+    rules: logical-to-mesh rules.
+
+  Returns:
+    (tree of sharded arrays, tree of their shardings).
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  with activate(mesh, rules):
+    tree = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+  # The arrays' own shardings mirror the tree exactly (optax's empty MaskedNodes
+  # included), which the logical tree above need not.
+  return tree, jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def abstract_with_shardings(tree, shardings):
+  """jax.ShapeDtypeStructs carrying `shardings`: what orbax restores into."""
+  return jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

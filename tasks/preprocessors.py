@@ -46,7 +46,7 @@ def decode_image_text(
 ) -> tf.data.Dataset:
   """Decodes and crops images to `image_size`, cleans captions, drops bad records.
 
-  Output examples: {"image": uint8 [image_size, image_size, 3], "caption": string}.
+  Output examples: {"key": string, "image": uint8 [image_size, image_size, 3], "caption": string}.
   """
   prepare = functools.partial(
     _prepare,
@@ -67,7 +67,7 @@ def decode_image_text(
     image.set_shape([image_size, image_size, 3])
     caption.set_shape([])
     ok.set_shape([])
-    return {"image": image, "caption": caption}, ok
+    return {"key": example["key"], "image": image, "caption": caption}, ok
 
   return (
     dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -96,3 +96,54 @@ def shapes_tfds(tmp_path_factory):
   shapes = builder.PartiShapes(config=config, data_dir=data_dir)
   shapes.download_and_prepare()
   return shapes, data_dir
+
+
+def tiny_tokenizer_config(**overrides):
+  """The tokenizer the tests train: 32 px, 4x4 grid, 64 codes of dimension 8."""
+  from parti.tokenizer.config import TokenizerConfig
+
+  fields = dict(
+    image_size=32, patch_size=8, encoder="tiny", decoder="tiny", codebook_size=64, code_dim=8,
+    dtype="float32",
+  )  # fmt: skip
+  fields.update(overrides)
+  return TokenizerConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def shapes_task_name(shapes_tfds):
+  """The tiny shapes data registered as tasks (text+image, and _images)."""
+  import seqio
+
+  from parti.tasks import registry
+
+  shapes, data_dir = shapes_tfds
+  seqio.set_tfds_data_dir_override(data_dir)
+  registry._register_shapes(shapes.builder_config)
+  return f"parti_shapes_{shapes.builder_config.name}"
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory, shapes_task_name):
+  """A tokenizer trained for 6 steps on the tiny shapes: its MODEL_DIR."""
+  from parti import optim, partitioning
+  from parti.tokenizer import losses, train
+
+  model_dir = tmp_path_factory.mktemp("tokenizer")
+  train.train(
+    model_dir=str(model_dir),
+    config=tiny_tokenizer_config(),
+    task=shapes_task_name + "_images",
+    batch_size=8,
+    num_steps=6,
+    loss_weights=losses.LossWeights(perceptual=0.0, adversarial=0.1, adversarial_start_step=3),
+    optimizer=optim.AdamConfig(learning_rate=1e-3, warmup_steps=2),
+    disc_optimizer=optim.AdamConfig(learning_rate=1e-4, warmup_steps=2),
+    disc_channels=8,
+    mesh=partitioning.MeshConfig(data=4, model=2),
+    eval_every=3,
+    eval_batches=1,
+    log_every=3,
+    checkpoint_every=3,
+  )
+  return model_dir

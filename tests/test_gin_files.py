@@ -23,8 +23,12 @@ def _header(path):
 
 
 def _required_macros(path):
-  """The macros a file leaves for the command line (`X = %gin.REQUIRED`)."""
-  return re.findall(r"^(\w+) = %gin\.REQUIRED", path.read_text(), flags=re.MULTILINE)
+  """The macros a file (or one it includes) leaves for the command line (`X = %gin.REQUIRED`)."""
+  text = path.read_text()
+  macros = re.findall(r"^(\w+) = %gin\.REQUIRED", text, flags=re.MULTILINE)
+  for included in re.findall(r'^include "([^"]+)"', text, flags=re.MULTILINE):
+    macros += _required_macros(REPO_ROOT / "gin" / included)
+  return macros
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,129 @@
+"""Checkpoints: orbax, async and sharded, with resume that survives a bad latest step.
+
+A checkpoint is a set of named items (pytrees of possibly sharded arrays) plus a
+small JSON `meta`, under MODEL_DIR/checkpoints/STEP. Orbax writes each step to a
+temporary folder and commits it at the end, so a killed save never looks like
+a checkpoint. A committed step that still fails to restore (a truncated file, a
+disk error) is reported and the previous step is used instead.
+
+The input pipeline's per-host iterator state is saved beside each step, in
+MODEL_DIR/checkpoints/input_state/STEP/, so a resumed job sees the next unseen batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import signal
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+INPUT_STATE = "input_state"
+
+
+class Checkpointer:
+  """Saves and restores named items every `save_every` steps, keeping the last `keep`."""
+
+  def __init__(self, model_dir: str | pathlib.Path, keep: int = 3, save_every: int = 1000):
+    self.directory = pathlib.Path(model_dir).absolute() / "checkpoints"
+    self.save_every = save_every
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+      ),
+    )
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step % self.save_every == 0
+
+  def save(
+    self,
+    step: int,
+    items: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+    input_iterator=None,
+  ) -> None:
+    """Starts saving `items` at `step` (asynchronously; `wait` blocks until written)."""
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args["meta"] = ocp.args.JsonSave(dict(meta or {}, step=step))
+    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    if input_iterator is not None:
+      input_iterator.save(self.directory / INPUT_STATE / str(step))
+    self._prune_input_states()
+
+  def restore(
+    self, abstract_items: Mapping[str, Any], step: int | None = None, input_iterator=None
+  ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """Restores `abstract_items` (names -> trees of jax.ShapeDtypeStruct with shardings).
+
+    Tries `step` (default: the latest), then each earlier step if one fails.
+
+    Returns:
+      (step, items, meta), or None when there is no usable checkpoint.
+    """
+    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    for candidate in candidates:
+      try:
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        args["meta"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(candidate, args=ocp.args.Composite(**args))
+        if input_iterator is not None:
+          input_iterator.restore(self.directory / INPUT_STATE / str(candidate))
+      except Exception as error:  # Any failure: try the previous step.
+        if step is not None:
+          raise
+        logging.warning(
+          "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
+          candidate, self.directory, type(error).__name__, error,
+        )  # fmt: skip
+        continue
+      items = {name: restored[name] for name in abstract_items}
+      logging.info("Restored checkpoint %d from %s.", candidate, self.directory)
+      return candidate, items, dict(restored["meta"])
+    return None
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def _prune_input_states(self) -> None:
+    folder = self.directory / INPUT_STATE
+    if jax.process_index() != 0 or not folder.exists():
+      return
+    self._manager.wait_until_finished()  # Orbax prunes old steps once a save commits.
+    kept = {str(s) for s in self._manager.all_steps()}
+    for child in folder.iterdir():
+      if child.name not in kept:
+        shutil.rmtree(child, ignore_errors=True)
+
+
+class Preemption:
+  """Notes SIGTERM (a preemption notice) so the training loop can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint, then exiting.", signum)
+    self.requested = True
+
+  @contextlib.contextmanager
+  def watching(self) -> Iterator[Preemption]:
+    previous = signal.signal(signal.SIGTERM, self._handle)
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,227 @@
+"""Transformer layers shared by the tokenizer's ViTs and the Parti encoder-decoder.
+
+Precision follows Parti: parameters are float32; projections and MLPs compute in
+`dtype` (bfloat16 on accelerators); norms, softmax and logits stay float32. Every
+parameter carries logical axis names, and block outputs are constrained to
+(`batch`, `length`, `embed`), so `parti.partitioning` alone decides the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype | str
+Initializer = Callable[..., jax.Array]
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+_LECUN_NORMAL = nn.initializers.lecun_normal()
+
+
+class DenseGeneral(nn.Module):
+  """A linear map over one or more input axes to one or more output axes.
+
+  Written here rather than taken from flax: `nn.DenseGeneral` initializes a
+  multi-axis kernel flat and reshapes the boxed value, which breaks logical
+  constraints under a mesh. This one creates the kernel at its full shape
+  (initialized with the fan-in and fan-out of the flattened matrix) and carries
+  `kernel_axes` from the start.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = _LECUN_NORMAL
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    shape = in_shape + self.features
+    if len(self.kernel_axes) != len(shape):
+      raise ValueError(f"kernel_axes {self.kernel_axes} do not match the kernel shape {shape}.")
+
+    def init(rng, shape, dtype):
+      flat = (math.prod(in_shape), math.prod(self.features))
+      return self.kernel_init(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape, jnp.float32
+    )
+    contract = (axis, tuple(range(len(axis))))
+    y = jax.lax.dot_general(
+      x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+      preferred_element_type=self.dtype,
+    )  # fmt: skip
+    if self.use_bias:
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[len(axis) :]),
+        self.features,
+        jnp.float32,
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(
+  features: int | Sequence[int],
+  axes: tuple[str | None, ...],
+  dtype: Dtype,
+  axis: int | Sequence[int] = -1,
+  init: Initializer = _LECUN_NORMAL,
+  use_bias: bool = False,
+  name: str | None = None,
+) -> DenseGeneral:
+  """A DenseGeneral whose kernel has logical `axes` (input axes first)."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  return DenseGeneral(features, tuple(axes), axis, use_bias, jnp.dtype(dtype), init, name=name)
+
+
+class Norm(nn.Module):
+  """LayerNorm (Parti's) or RMSNorm, computed in float32."""
+
+  kind: str = "layernorm"
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+    x = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      return nn.LayerNorm(
+        epsilon=self.epsilon, dtype=jnp.float32, scale_init=ones, bias_init=zeros
+      )(x)
+    if self.kind == "rmsnorm":
+      return nn.RMSNorm(epsilon=self.epsilon, dtype=jnp.float32, scale_init=ones)(x)
+    raise ValueError(f"Unknown norm {self.kind!r}; use 'layernorm' or 'rmsnorm'.")
+
+
+class Mlp(nn.Module):
+  """The feed-forward block: two matrices (Parti), or gated-GELU (three) as an option."""
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  gated: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    embed = x.shape[-1]
+    hidden = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, use_bias=not self.gated, name="wi")(
+      x
+    )
+    if self.gated:
+      gate = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi_gate")(x)
+      hidden = nn.gelu(gate) * hidden
+    else:
+      hidden = nn.gelu(hidden)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    return dense(embed, ("mlp", "embed"), self.dtype, use_bias=not self.gated, name="wo")(hidden)
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention with logical axes; softmax in float32.
+
+  `mask` ([batch, 1 or heads, q_length, kv_length], True = attend) and `bias`
+  (added to the logits, e.g. T5's relative position bias) are optional.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(
+    self,
+    inputs_q: jax.Array,
+    inputs_kv: jax.Array,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> jax.Array:
+    shape = (self.num_heads, self.head_dim)
+    axes = ("embed", "heads", "kv")
+    query = dense(shape, axes, self.dtype, name="query")(inputs_q)
+    key = dense(shape, axes, self.dtype, name="key")(inputs_kv)
+    value = dense(shape, axes, self.dtype, name="value")(inputs_kv)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    out = dot_product_attention(
+      query, key, value, mask, bias, self.dropout_rate, deterministic, self.make_rng
+    )
+    return dense(
+      inputs_q.shape[-1], ("heads", "kv", "embed"), self.dtype, axis=(-2, -1), name="out"
+    )(out)
+
+
+def dot_product_attention(query, key, value, mask, bias, dropout_rate, deterministic, make_rng):
+  """softmax(q k^T / sqrt(d) + bias, masked) v, the logits and softmax in float32.
+
+  Args are [batch, length, heads, head_dim]; returns [batch, q_length, heads, head_dim].
+  """
+  depth = query.shape[-1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(depth).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and not deterministic:
+    keep = jax.random.bernoulli(make_rng("dropout"), 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm self-attention and MLP, each with a residual connection."""
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  norm: str = "layernorm"
+  gated_mlp: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, bias=None, deterministic: bool = True
+  ) -> jax.Array:
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    embed = x.shape[-1]
+    y = Norm(self.norm, name="pre_attention_norm")(x)
+    y = Attention(
+      self.num_heads, embed // self.num_heads, self.dtype, self.dropout_rate, name="attention"
+    )(y, y, mask, bias, deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = Norm(self.norm, name="pre_mlp_norm")(x)
+    y = Mlp(self.mlp_dim, self.dtype, self.gated_mlp, self.dropout_rate, name="mlp")(
+      y, deterministic
+    )
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return nn.with_logical_constraint(x.astype(jnp.float32), ACTIVATION_AXES)
+
+
+def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
+  """Fixed 2-D sine-cosine position embeddings, [height * width, dim] (MAE, ViT-VQGAN)."""
+  if dim % 4:
+    raise ValueError(f"2-D sincos embeddings need a dim divisible by 4, got {dim}.")
+  rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
+  omega = 1.0 / 10000 ** (jnp.arange(dim // 4) / (dim // 4))
+  parts = []
+  for grid in (rows, cols):
+    angles = grid.reshape(-1, 1).astype(jnp.float32) * omega[None]
+    parts += [jnp.sin(angles), jnp.cos(angles)]
+  return jnp.concatenate(parts, axis=1)

@@ -1,0 +1,255 @@
+"""The tokenizer's training job, its checkpoints and API, and the pre-encoding job."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from conftest import tiny_tokenizer_config
+
+from parti import metric_logging, optim
+from parti.errors import ConfigError
+from parti.tasks import records, registry, sources, token_records
+from parti.tokenizer import api, checkpoint_io, encode, losses, train
+
+pytestmark = pytest.mark.slow
+
+
+def _train(model_dir, task, num_steps, **overrides):
+  arguments = dict(
+    model_dir=str(model_dir),
+    config=tiny_tokenizer_config(),
+    task=task,
+    batch_size=8,
+    num_steps=num_steps,
+    loss_weights=losses.LossWeights(perceptual=0.0, adversarial=0.0),
+    optimizer=optim.AdamConfig(learning_rate=1e-3, warmup_steps=1),
+    disc_optimizer=optim.AdamConfig(warmup_steps=1),
+    disc_channels=8,
+    eval_every=100,
+    eval_batches=1,
+    log_every=1,
+    checkpoint_every=2,
+  )
+  arguments.update(overrides)
+  return train.train(**arguments)
+
+
+def test_training_writes_metrics_images_checkpoints_and_config(trained_tokenizer):
+  metrics = metric_logging.read_metrics(trained_tokenizer)
+  assert {"loss/total", "psnr", "codebook/usage", "loss/discriminator"} <= set(metrics[6])
+  assert "loss/discriminator" not in metrics[3]  # The GAN starts at step 3, after that step.
+  assert {"eval/psnr", "eval/codebook_usage"} <= set(metrics[6])
+  assert list((trained_tokenizer / "images").glob("eval_input_vs_reconstruction_*.png"))
+  assert (trained_tokenizer / checkpoint_io.CONFIG_FILE).exists()
+  assert sorted(
+    int(p.name) for p in (trained_tokenizer / "checkpoints").iterdir() if p.name.isdigit()
+  ) == [3, 6]
+
+
+def test_losses_decrease_on_a_fixed_batch():
+  config = tiny_tokenizer_config()
+  trainer = train.Trainer(
+    config,
+    losses.LossWeights(perceptual=0.0, adversarial=0.0),
+    optim.adam(optim.AdamConfig(learning_rate=3e-3, warmup_steps=1), 30),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 30),
+    8,
+    None,
+  )
+  from flax import linen as nn
+
+  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  step = jax.jit(lambda s, x: trainer.train_step(s, x, False))
+  totals = []
+  for _ in range(30):
+    state, metrics = step(state, images)
+    totals.append(float(metrics["loss/l2"]))
+  assert totals[-1] < 0.5 * totals[0], totals
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path, shapes_task_name):
+  _train(tmp_path, shapes_task_name + "_images", num_steps=4)
+  _train(tmp_path, shapes_task_name + "_images", num_steps=6)
+  metrics = metric_logging.read_metrics(tmp_path)
+  assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 4, 6]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, shapes_task_name, caplog):
+  _train(tmp_path, shapes_task_name + "_images", num_steps=4)
+  for path in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+  caplog.set_level("WARNING")
+  _config, _params, step = checkpoint_io.load_params(tmp_path)
+  assert step == 2
+  assert "Checkpoint 4" in caplog.text and "trying the previous one" in caplog.text
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, shapes_task_name):
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    _train(
+      tmp_path,
+      shapes_task_name + "_images",
+      num_steps=3,
+      loss_weights=losses.LossWeights(l2=float("nan"), perceptual=0.0, adversarial=0.0),
+    )
+
+
+def test_wrong_image_size_is_refused(tmp_path, shapes_task_name):
+  with pytest.raises(ConfigError, match="yields images of shape"):
+    _train(
+      tmp_path,
+      shapes_task_name + "_images",
+      num_steps=2,
+      config=tiny_tokenizer_config(image_size=64),
+    )
+
+
+def test_stage_two_freezes_encoder_and_codebook(tmp_path, trained_tokenizer, shapes_task_name):
+  _, before, _ = checkpoint_io.load_params(trained_tokenizer)
+  _train(
+    tmp_path, shapes_task_name + "_images", num_steps=3,
+    init_from=str(trained_tokenizer), freeze=("encoder", "quantizer"),
+  )  # fmt: skip
+  _, after, _ = checkpoint_io.load_params(tmp_path)
+  same = jax.tree_util.tree_map(np.array_equal, before["encoder"], after["encoder"])
+  assert all(jax.tree_util.tree_leaves(same))
+  np.testing.assert_array_equal(before["quantizer"]["codebook"], after["quantizer"]["codebook"])
+  changed = jax.tree_util.tree_map(np.array_equal, before["decoder"], after["decoder"])
+  assert not all(jax.tree_util.tree_leaves(changed))
+
+
+def test_unknown_freeze_group(tmp_path, shapes_task_name):
+  with pytest.raises(ConfigError, match="freeze may name"):
+    _train(tmp_path, shapes_task_name + "_images", num_steps=2, freeze=("encodr",))
+
+
+# --- API --------------------------------------------------------------------------------------
+
+
+def test_api_loads_in_one_call_and_round_trips(trained_tokenizer, mesh_4x2):
+  tokenizer = api.ImageTokenizer.from_checkpoint(trained_tokenizer)
+  assert tokenizer.step == 6
+  images = np.random.default_rng(0).random((5, 32, 32, 3)).astype(np.float32)
+  ids = tokenizer.encode(images)
+  assert ids.shape == (5, 4, 4)
+  assert ids.dtype == np.int32
+  assert tokenizer.encode((images * 255).astype(np.uint8)).shape == (5, 4, 4)
+  decoded = tokenizer.decode(ids)
+  assert decoded.shape == (5, 32, 32, 3)
+  np.testing.assert_array_equal(tokenizer.decode(tokenizer.encode(images)), decoded)
+  sharded = api.ImageTokenizer.from_checkpoint(trained_tokenizer, mesh=mesh_4x2)
+  np.testing.assert_array_equal(sharded.encode(images), ids)  # 5 images padded to 8, trimmed.
+  np.testing.assert_allclose(sharded.decode(ids), decoded, atol=1e-5)
+
+
+def test_api_checks_its_inputs(trained_tokenizer):
+  tokenizer = api.ImageTokenizer.from_checkpoint(trained_tokenizer)
+  with pytest.raises(ValueError, match="encode expects images"):
+    tokenizer.encode(np.zeros((2, 64, 64, 3)))
+  with pytest.raises(ValueError, match="must lie in"):
+    tokenizer.decode(np.full((1, 4, 4), 64))
+
+
+def test_api_on_a_folder_without_a_tokenizer(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"tokenizer_config\.json is missing"):
+    api.ImageTokenizer.from_checkpoint(tmp_path)
+
+
+# --- Pre-encoding -------------------------------------------------------------------------------
+
+
+def _encode(trained_tokenizer, task, output, **overrides):
+  arguments = dict(
+    checkpoint_dir=str(trained_tokenizer), task=task, output_dir=str(output),
+    splits=("test",), batch_size=4, shard_size=3,
+  )  # fmt: skip
+  arguments.update(overrides)
+  return encode.encode(**arguments)
+
+
+def _read(output, split="test"):
+  provenance = token_records.read_provenance(output)
+  description = token_records.feature_description(provenance)
+  files = sorted(str(p) for p in output.glob(f"{split}-*.tfrecord"))
+  dataset = tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, description))
+  return list(dataset.as_numpy_iterator())
+
+
+def test_encode_writes_shards_that_match_the_api(
+  trained_tokenizer, shapes_task_name, shapes_tfds, tmp_path
+):
+  written = _encode(trained_tokenizer, shapes_task_name, tmp_path)
+  assert written == {"test": 8}
+  assert len(list(tmp_path.glob("test-00000-*.tfrecord"))) == 3  # 8 records in shards of 3.
+  rows = _read(tmp_path)
+  truth = {
+    e["caption"].decode(): e["image"]
+    for e in tfds.as_numpy(shapes_tfds[0].as_dataset(split="test", shuffle_files=False))
+  }
+  tokenizer = api.ImageTokenizer.from_checkpoint(trained_tokenizer)
+  for row in rows:
+    expected = tokenizer.encode(truth[row["caption"].decode()][None])[0].reshape(-1)
+    np.testing.assert_array_equal(row["image_tokens"], expected)
+  provenance = token_records.read_provenance(tmp_path)
+  assert provenance.tokenizer_checkpoint.endswith("@6")
+  assert provenance.grid == (4, 4)
+  # The folder is a task at once.
+  registry.register_pre_encoded_task("test_encoded_shapes", str(tmp_path))
+  assert (
+    seqio.get_mixture_or_task("test_encoded_shapes")
+    .output_features["targets"]
+    .vocabulary.vocab_size
+    == 64
+  )
+
+
+def test_encode_resumes_after_the_finished_shards(trained_tokenizer, shapes_task_name, tmp_path):
+  _encode(trained_tokenizer, shapes_task_name, tmp_path)
+  complete = _read(tmp_path)
+  last = sorted(tmp_path.glob("test-*.tfrecord"))[-1]
+  last.unlink()  # As if killed before the last shard was renamed into place.
+  (tmp_path / f".{last.name}.tmp").write_bytes(b"half a shard")
+  written = _encode(trained_tokenizer, shapes_task_name, tmp_path)
+  assert written == {"test": 2}  # Only the missing shard (records 6 and 7) was encoded again.
+  assert [r["key"] for r in _read(tmp_path)] == [r["key"] for r in complete]
+
+
+def test_encode_refuses_another_tokenizer(trained_tokenizer, shapes_task_name, tmp_path):
+  _encode(trained_tokenizer, shapes_task_name, tmp_path)
+  other = tmp_path / "other_tokenizer"
+  shutil.copytree(trained_tokenizer, other)
+  with pytest.raises(ConfigError, match="made by another tokenizer"):
+    _encode(other, shapes_task_name, tmp_path)
+
+
+def test_encode_skips_and_counts_corrupt_records(trained_tokenizer, tmp_path):
+  from PIL import Image
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(4):
+    Image.new("RGB", (48, 40), (i * 60, 0, 0)).save(folder / f"{i}.png")  # Resized and cropped.
+    (folder / f"{i}.txt").write_text(f"image {i}")
+  (folder / "2.png").write_bytes(b"corrupt")
+  registry.register_image_text_task(
+    "test_encode_folder", sources.folder_source(str(folder)), image_size=32
+  )
+  before = records.SKIPPED.counts().get("unreadable image", 0)
+  written = _encode(trained_tokenizer, "test_encode_folder", tmp_path / "out", splits=("train",))
+  assert written == {"train": 3}
+  assert records.SKIPPED.counts()["unreadable image"] == before + 1
+  assert sorted(r["caption"].decode() for r in _read(tmp_path / "out", "train")) == [
+    "image 0",
+    "image 1",
+    "image 3",
+  ]

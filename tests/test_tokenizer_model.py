@@ -1,0 +1,200 @@
+"""The ViT-VQGAN model, quantizer and losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_tokenizer_config
+from flax import linen as nn
+
+from parti import partitioning
+from parti.errors import ConfigError
+from parti.tokenizer import discriminator, losses, model
+from parti.tokenizer.config import TokenizerConfig
+
+
+def _images(batch=4, size=32, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = tiny_tokenizer_config()
+  vqgan = model.VitVQGAN(config)
+  params = nn.meta.unbox(vqgan.init(jax.random.key(0), _images())["params"])
+  return config, vqgan, params
+
+
+def test_shapes_and_dtypes(tiny):
+  _config, vqgan, params = tiny
+  raw, ids, vq = vqgan.apply({"params": params}, _images())
+  assert raw.shape == (4, 32, 32, 3)
+  assert raw.dtype == jnp.float32
+  assert ids.shape == (4, 4, 4)
+  assert ids.dtype == jnp.int32
+  assert set(vq) == {"codebook", "commitment"}
+  encoded = vqgan.apply({"params": params}, _images(), method=model.VitVQGAN.encode)
+  np.testing.assert_array_equal(encoded, ids)
+  decoded = vqgan.apply({"params": params}, encoded, method=model.VitVQGAN.decode)
+  assert decoded.shape == (4, 32, 32, 3)
+  assert float(decoded.min()) >= 0.0
+  assert float(decoded.max()) <= 1.0
+
+
+def test_patchify_round_trip():
+  x = _images(2, 16)
+  np.testing.assert_array_equal(model.unpatchify(model.patchify(x, 4), 4, (4, 4)), x)
+
+
+def test_codes_and_quantized_vectors_are_unit_length(tiny):
+  _, _, params = tiny
+  quantizer = model.FactorizedQuantizer(64, 8, l2_normalize=True)
+  z = jax.random.normal(jax.random.key(1), (2, 5, 8)) * 3.0
+  codes = quantizer.apply({"params": params["quantizer"]}, method=model.FactorizedQuantizer.codes)
+  np.testing.assert_allclose(jnp.linalg.norm(codes, axis=-1), 1.0, rtol=1e-5)
+  quantized, _, _ = quantizer.apply({"params": params["quantizer"]}, z)
+  np.testing.assert_allclose(jnp.linalg.norm(quantized, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_lookup_matches_brute_force_numpy(normalize):
+  quantizer = model.FactorizedQuantizer(50, 6, l2_normalize=normalize)
+  z = jax.random.normal(jax.random.key(2), (40, 6))
+  variables = quantizer.init(jax.random.key(3), z)
+  codebook = np.asarray(nn.meta.unbox(variables)["params"]["codebook"], np.float64)
+  ids = np.asarray(quantizer.apply(variables, z, method=model.FactorizedQuantizer.lookup))
+  zz = np.asarray(z, np.float64)
+  if normalize:
+    codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
+    zz /= np.linalg.norm(zz, axis=1, keepdims=True)
+  distances = ((zz[:, None, :] - codebook[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(ids, distances.argmin(1))
+
+
+def test_straight_through_gradient_passes_unchanged():
+  quantizer = model.FactorizedQuantizer(16, 4, l2_normalize=False)
+  z = jax.random.normal(jax.random.key(4), (3, 4))
+  variables = quantizer.init(jax.random.key(5), z)
+  weights = jax.random.normal(jax.random.key(6), (3, 4))
+  grad = jax.grad(lambda z: jnp.sum(quantizer.apply(variables, z)[0] * weights))(z)
+  np.testing.assert_allclose(grad, weights, rtol=1e-6)  # d(st(z))/dz is the identity.
+
+
+def test_vq_losses_train_the_right_side():
+  quantizer = model.FactorizedQuantizer(16, 4, l2_normalize=False)
+  z = jax.random.normal(jax.random.key(7), (8, 4))
+  variables = quantizer.init(jax.random.key(8), z)
+
+  def loss(name):
+    return lambda params, z: quantizer.apply({"params": params}, z)[2][name]
+
+  params = variables["params"]
+  codebook_grad_z = jax.grad(loss("codebook"), argnums=1)(params, z)
+  commitment_grad_codes = jax.grad(loss("commitment"))(params, z)
+  assert float(jnp.abs(codebook_grad_z).sum()) == 0.0  # The codebook loss does not move z...
+  assert (
+    float(jnp.abs(nn.meta.unbox(commitment_grad_codes)["codebook"]).sum()) == 0.0
+  )  # ...nor commitment codes.
+
+
+def test_sharded_forward_equals_unsharded(tiny, mesh_4x2):
+  _config, vqgan, params = tiny
+  images = _images(8)
+  expected = vqgan.apply({"params": params}, images)[0]
+  rules = partitioning.RULE_SETS["model_parallel"]
+
+  def init():
+    return vqgan.init(jax.random.key(0), images)["params"]
+
+  _, shardings = partitioning.init_sharded(init, mesh_4x2, rules)
+  sharded_params = jax.device_put(params, shardings)
+  batch = partitioning.logical_sharding(mesh_4x2, ("batch", None, None, None), rules)
+  with partitioning.activate(mesh_4x2, rules):
+    got = jax.jit(lambda p, x: vqgan.apply({"params": p}, x)[0], in_shardings=(shardings, batch))(
+      sharded_params, jax.device_put(images, batch)
+    )
+  assert any(
+    len(s.device_set) > 1 and not s.is_fully_replicated
+    for s in jax.tree_util.tree_leaves(shardings)
+  )
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_decode_of_encode_is_deterministic(tiny):
+  _, vqgan, params = tiny
+  images = _images(3)
+  round_trip = jax.jit(
+    lambda x: vqgan.apply(
+      {"params": params}, vqgan.apply({"params": params}, x, method=model.VitVQGAN.encode),
+      method=model.VitVQGAN.decode,
+    )
+  )  # fmt: skip
+  np.testing.assert_array_equal(round_trip(images), round_trip(images))
+
+
+def test_logit_laplace_head_and_loss():
+  config = tiny_tokenizer_config(logit_laplace=True)
+  vqgan = model.VitVQGAN(config)
+  variables = vqgan.init(jax.random.key(0), _images())
+  raw = vqgan.apply(variables, _images())[0]
+  assert raw.shape[-1] == 6
+  target = _images(1)
+  near = jnp.concatenate(
+    [jnp.log(target * 0.8 + 0.1) - jnp.log1p(-(target * 0.8 + 0.1)), jnp.full_like(target, -3.0)],
+    -1,
+  )
+  far = near.at[..., :3].add(2.0)
+  assert float(losses.logit_laplace_nll(near, target)) < float(
+    losses.logit_laplace_nll(far, target)
+  )
+
+
+def test_discriminator_losses_and_r1():
+  disc = discriminator.Discriminator(base_channels=8)
+  images = _images(4)
+  variables = disc.init(jax.random.key(0), images)
+  logits = disc.apply(variables, images)
+  assert logits.shape == (4,)
+  for kind in ("non_saturating", "hinge"):
+    good = losses.discriminator_loss(jnp.full(4, 5.0), jnp.full(4, -5.0), kind)
+    bad = losses.discriminator_loss(jnp.full(4, -5.0), jnp.full(4, 5.0), kind)
+    assert float(good) < float(bad)
+    assert float(losses.generator_adversarial(jnp.full(4, 5.0), kind)) < float(
+      losses.generator_adversarial(jnp.full(4, -5.0), kind)
+    )
+  penalty = losses.r1_penalty(lambda x: disc.apply(variables, x), images)
+  assert float(penalty) > 0.0
+
+
+def test_codebook_stats():
+  stats = losses.codebook_stats(jnp.array([[0, 0, 1, 1]]), 4)
+  assert float(stats["usage"]) == 0.5
+  np.testing.assert_allclose(float(stats["perplexity"]), 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("fields", "message"),
+  [
+    (dict(image_size=30), "not a multiple of patch_size"),
+    (dict(encoder="huge"), "not one of"),
+    (dict(dtype="float16"), "float32 or bfloat16"),
+  ],
+)
+def test_bad_configs(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    TokenizerConfig(**{"encoder": "tiny", "decoder": "tiny", **fields})
+
+
+@pytest.mark.parametrize(
+  ("encoder", "decoder", "millions"),
+  [("small", "small", 2 * 25.2), ("small", "large", 25.2 + 630.0)],
+)
+def test_paper_sizes_have_the_expected_parameter_counts(encoder, decoder, millions):
+  config = TokenizerConfig(image_size=256, encoder=encoder, decoder=decoder)
+  shapes = jax.eval_shape(
+    lambda: model.VitVQGAN(config).init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+  )
+  count = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
+  assert abs(count / 1e6 - millions) / millions < 0.1, count

@@ -1,0 +1,110 @@
+"""The tokenizer as a library: images to code ids and back, jitted and sharded over the batch.
+
+    tokenizer = ImageTokenizer.from_checkpoint("runs/tokenizer")
+    ids = tokenizer.encode(images)        # [B, H, W, 3] in [0, 1] (or uint8) -> int32 [B, h, w]
+    images = tokenizer.decode(ids)        # -> float32 [B, H, W, 3] in [0, 1]
+
+With a mesh, the batch is split over its data axes (a batch that does not divide
+is padded, then trimmed) and the parameters laid out by the mesh's rules.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from parti import partitioning
+from parti.tokenizer import checkpoint_io, model
+from parti.tokenizer.config import TokenizerConfig
+
+
+class ImageTokenizer:
+  """A trained ViT-VQGAN's encode and decode."""
+
+  def __init__(
+    self,
+    config: TokenizerConfig,
+    params,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: partitioning.LogicalRules = partitioning.RULE_SETS["data_parallel"],
+    step: int | None = None,
+  ):
+    self.config = config
+    self.step = step
+    self._model = model.VitVQGAN(config)
+    self._mesh = mesh or partitioning.create_mesh(partitioning.MeshConfig(), jax.devices()[:1])
+    self._rules = rules
+    specs = nn.get_partition_spec(checkpoint_io.abstract_params(config))
+    self._param_shardings = nn.logical_to_mesh_sharding(specs, self._mesh, rules)
+    self.params = jax.device_put(params, self._param_shardings)
+    self._images = partitioning.logical_sharding(self._mesh, ("batch", None, None, None), rules)
+    self._ids = partitioning.logical_sharding(self._mesh, ("batch", None, None), rules)
+    self._encode = jax.jit(
+      lambda p, x: self._model.apply({"params": p}, x, method=model.VitVQGAN.encode),
+      in_shardings=(self._param_shardings, self._images),
+      out_shardings=self._ids,
+    )
+    self._decode = jax.jit(
+      lambda p, ids: self._model.apply({"params": p}, ids, method=model.VitVQGAN.decode),
+      in_shardings=(self._param_shardings, self._ids),
+      out_shardings=self._images,
+    )
+
+  @classmethod
+  def from_checkpoint(
+    cls,
+    model_dir: str | pathlib.Path,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: partitioning.LogicalRules = partitioning.RULE_SETS["data_parallel"],
+  ) -> ImageTokenizer:
+    """Loads the tokenizer trained in `model_dir` (its latest checkpoint by default)."""
+    config, params, found = checkpoint_io.load_params(model_dir, step)
+    return cls(config, params, mesh, rules, step=found)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.config.grid
+
+  @property
+  def codebook_size(self) -> int:
+    return self.config.codebook_size
+
+  def _pad(self, array: np.ndarray) -> tuple[np.ndarray, int]:
+    size = array.shape[0]
+    divisor = partitioning.batch_divisor(self._mesh)
+    padded = -(-size // divisor) * divisor
+    if padded != size:
+      array = np.concatenate([array, np.repeat(array[-1:], padded - size, axis=0)])
+    return array, size
+
+  def encode(self, images) -> np.ndarray:
+    """images [B, S, S, 3] (float in [0, 1], or uint8) -> code ids int32 [B, h, w]."""
+    images = np.asarray(images)
+    expected = (self.config.image_size, self.config.image_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected:
+      raise ValueError(
+        f"encode expects images [B, {', '.join(map(str, expected))}], got {images.shape}."
+      )
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 255.0
+    padded, size = self._pad(images.astype(np.float32))
+    with partitioning.activate(self._mesh, self._rules):
+      ids = self._encode(self.params, jnp.asarray(padded))
+    return np.asarray(ids)[:size]
+
+  def decode(self, ids) -> np.ndarray:
+    """code ids [B, h, w] -> images float32 [B, S, S, 3] in [0, 1]."""
+    ids = np.asarray(ids)
+    if ids.ndim != 3 or ids.shape[1:] != self.grid:
+      raise ValueError(f"decode expects ids [B, {self.grid[0]}, {self.grid[1]}], got {ids.shape}.")
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= self.codebook_size:
+      raise ValueError(f"Code ids must lie in [0, {self.codebook_size}).")
+    padded, size = self._pad(ids.astype(np.int32))
+    with partitioning.activate(self._mesh, self._rules):
+      images = self._decode(self.params, jnp.asarray(padded))
+    return np.asarray(images)[:size]

@@ -1,0 +1,66 @@
+"""Reading a trained tokenizer: its config file and its parameters, nothing else."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from parti import checkpoints
+from parti.tokenizer import model
+from parti.tokenizer.config import TokenizerConfig
+
+CONFIG_FILE = "tokenizer_config.json"
+
+
+def load_config(model_dir: str | pathlib.Path) -> TokenizerConfig:
+  path = pathlib.Path(model_dir) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(
+      f"{model_dir} holds no trained tokenizer: {path} is missing. Train one with "
+      "`python -m parti.tokenizer.train`."
+    )
+  return TokenizerConfig.load(path)
+
+
+def abstract_params(config: TokenizerConfig):
+  """The parameter tree's shapes and dtypes, without allocating it (boxed with logical axes)."""
+  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.eval_shape(
+    lambda x: model.VitVQGAN(config).init(jax.random.key(0), x)["params"], images
+  )
+
+
+def load_params(model_dir: str | pathlib.Path, step: int | None = None, shardings=None):
+  """(config, params) of the tokenizer in `model_dir`, at `step` (default: the latest).
+
+  Args:
+    model_dir: a tokenizer training run's MODEL_DIR.
+    step: a checkpoint step, or None for the latest usable one.
+    shardings: a tree of shardings for the parameters (default: the first device).
+
+  Returns:
+    The config, the parameters and the step they come from.
+  """
+  config = load_config(model_dir)
+  folder = pathlib.Path(model_dir) / "checkpoints"
+  if not folder.is_dir():
+    raise FileNotFoundError(f"No tokenizer checkpoints in {folder}.")
+  shapes = nn.meta.unbox(abstract_params(config))
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+  abstract = jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  checkpointer = checkpoints.Checkpointer(model_dir)
+  try:
+    restored = checkpointer.restore({"params": abstract}, step=step)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"No usable tokenizer checkpoint in {folder}.")
+  found_step, items, _ = restored
+  return config, items["params"], found_step

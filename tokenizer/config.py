@@ -1,0 +1,103 @@
+"""The tokenizer's architecture as frozen dataclasses; gin sets their fields.
+
+ViT sizes follow ViT-VQGAN (Yu et al. 2021); Parti pairs a Small encoder with a
+Large decoder. `tiny` is for CPU tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from parti.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  """Depth and width of one ViT."""
+
+  num_layers: int
+  num_heads: int
+  dim: int
+  mlp_dim: int
+
+
+VIT_SIZES: dict[str, ViTSize] = {
+  "tiny": ViTSize(num_layers=2, num_heads=4, dim=128, mlp_dim=512),
+  "small": ViTSize(num_layers=8, num_heads=8, dim=512, mlp_dim=2048),
+  "base": ViTSize(num_layers=12, num_heads=12, dim=768, mlp_dim=3072),
+  "large": ViTSize(num_layers=32, num_heads=16, dim=1280, mlp_dim=5120),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """A ViT-VQGAN.
+
+  Attributes:
+    image_size: side of the square input images.
+    patch_size: side of each patch; the token grid is image_size / patch_size square.
+    encoder: a key of VIT_SIZES.
+    decoder: a key of VIT_SIZES.
+    codebook_size: number of codes.
+    code_dim: dimension of the factorized (low-dimensional) codes.
+    l2_normalize: l2-normalize codes and encoder outputs (cosine-similarity lookup).
+    commitment_cost: beta, the weight of the commitment loss.
+    logit_laplace: the decoder also predicts a scale, for the logit-Laplace loss.
+    dtype: compute dtype of projections and MLPs ("float32" or "bfloat16").
+  """
+
+  image_size: int = 256
+  patch_size: int = 8
+  encoder: str = "small"
+  decoder: str = "large"
+  codebook_size: int = 8192
+  code_dim: int = 32
+  l2_normalize: bool = True
+  commitment_cost: float = 0.25
+  logit_laplace: bool = False
+  dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    for field in ("encoder", "decoder"):
+      if getattr(self, field) not in VIT_SIZES:
+        raise ConfigError(
+          f"TokenizerConfig.{field} {getattr(self, field)!r} is not one of {sorted(VIT_SIZES)}."
+        )
+    if self.image_size % self.patch_size:
+      raise ConfigError(
+        f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
+      )
+    for field in ("image_size", "patch_size", "codebook_size", "code_dim"):
+      if getattr(self, field) < 1:
+        raise ConfigError(f"TokenizerConfig.{field} must be positive.")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ConfigError(f"TokenizerConfig.dtype must be float32 or bfloat16, not {self.dtype!r}.")
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    side = self.image_size // self.patch_size
+    return (side, side)
+
+  @property
+  def encoder_size(self) -> ViTSize:
+    return VIT_SIZES[self.encoder]
+
+  @property
+  def decoder_size(self) -> ViTSize:
+    return VIT_SIZES[self.decoder]
+
+  def save(self, path: str | pathlib.Path) -> None:
+    from parti import files
+
+    files.atomic_write_json(path, dataclasses.asdict(self))
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path) -> TokenizerConfig:
+    raw = json.loads(pathlib.Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+      raise ConfigError(f"{path} has fields this version does not know: {sorted(unknown)}.")
+    return cls(**raw)

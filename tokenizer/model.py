@@ -1,0 +1,181 @@
+"""ViT-VQGAN: a ViT encoder, a factorized l2-normalized codebook, and a ViT decoder.
+
+  images [B, H, W, 3] in [0, 1]
+    -> patches [B, N, p*p*3] -> ViT encoder -> [B, N, dim]
+    -> project to code_dim, l2-normalize, nearest code by cosine similarity -> ids [B, N]
+    -> code vectors (straight-through) -> project to dim -> ViT decoder
+    -> 2-layer head with tanh -> patches -> images [B, H, W, 3]
+
+The decoder has no final sigmoid: Parti removed it (and the logit-Laplace loss)
+to fix pixelation, and reads the raw outputs as RGB in [0, 1].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from parti import layers
+from parti.tokenizer.config import TokenizerConfig, ViTSize
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], row-major patches."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int]) -> jax.Array:
+  """The inverse of `patchify`."""
+  b, _, d = patches.shape
+  c = d // (patch * patch)
+  x = patches.reshape(b, grid[0], grid[1], patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0] * patch, grid[1] * patch, c)
+
+
+class ViT(nn.Module):
+  """Position embeddings (fixed 2-D sincos), pre-norm blocks, a final norm."""
+
+  size: ViTSize
+  grid: tuple[int, int]
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + layers.sincos_2d(*self.grid, self.size.dim)[None]
+    for i in range(self.size.num_layers):
+      x = layers.EncoderBlock(
+        self.size.num_heads, self.size.mlp_dim, jnp.dtype(self.dtype), name=f"block_{i}"
+      )(x)
+    return layers.Norm(name="final_norm")(x)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+class FactorizedQuantizer(nn.Module):
+  """Nearest-code lookup in a low-dimensional, optionally l2-normalized codebook.
+
+  Returns the straight-through code vectors, the ids, and the two VQ losses:
+  codebook = |sg(z) - e|^2 (moves codes) and commitment = |z - sg(e)|^2 (moves
+  the encoder), each averaged over positions and code dimensions.
+  """
+
+  codebook_size: int
+  code_dim: int
+  l2_normalize: bool = True
+
+  def setup(self):
+    self.codebook = self.param(
+      "codebook",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", None)),
+      (self.codebook_size, self.code_dim),
+      jnp.float32,
+    )
+
+  def codes(self) -> jax.Array:
+    """The code vectors as the lookup sees them (normalized if configured)."""
+    return l2_normalize(self.codebook) if self.l2_normalize else self.codebook
+
+  def lookup(self, z: jax.Array) -> jax.Array:
+    """The nearest code id of each vector in z [..., code_dim]."""
+    codes = self.codes()
+    z = z.astype(jnp.float32)
+    if self.l2_normalize:
+      similarity = jnp.einsum("...d,kd->...k", l2_normalize(z), codes)
+      return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
+    distance = (
+      jnp.sum(z * z, -1, keepdims=True)
+      - 2 * jnp.einsum("...d,kd->...k", z, codes)
+      + jnp.sum(codes**2, -1)
+    )
+    return jnp.argmin(distance, axis=-1).astype(jnp.int32)
+
+  def embed(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.codes(), ids, axis=0)
+
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    z = z.astype(jnp.float32)
+    if self.l2_normalize:
+      z = l2_normalize(z)
+    ids = self.lookup(z)
+    quantized = self.embed(ids)
+    losses = {
+      "codebook": jnp.mean((jax.lax.stop_gradient(z) - quantized) ** 2),
+      "commitment": jnp.mean((z - jax.lax.stop_gradient(quantized)) ** 2),
+    }
+    straight_through = z + jax.lax.stop_gradient(quantized - z)
+    return straight_through, ids, losses
+
+
+class Encoder(nn.Module):
+  config: TokenizerConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] in [0, 1] -> unnormalized codes [B, N, code_dim]."""
+    cfg, size = self.config, self.config.encoder_size
+    x = patchify(images.astype(jnp.float32) * 2.0 - 1.0, cfg.patch_size)
+    x = layers.dense(size.dim, (None, "embed"), cfg.dtype, use_bias=True, name="patch_embed")(x)
+    x = ViT(size, cfg.grid, cfg.dtype, name="vit")(x)
+    x = layers.dense(cfg.code_dim, ("embed", None), jnp.float32, use_bias=True, name="to_code")(x)
+    return x.astype(jnp.float32)
+
+
+class Decoder(nn.Module):
+  config: TokenizerConfig
+
+  @nn.compact
+  def __call__(self, codes: jax.Array) -> jax.Array:
+    """Code vectors [B, N, code_dim] -> raw outputs [B, H, W, 3] (or 6 with logit-Laplace)."""
+    cfg, size = self.config, self.config.decoder_size
+    x = layers.dense(size.dim, (None, "embed"), jnp.float32, use_bias=True, name="from_code")(codes)
+    x = ViT(size, cfg.grid, cfg.dtype, name="vit")(x)
+    channels = 6 if cfg.logit_laplace else 3
+    # The output head: two matrices with tanh between (ViT-VQGAN).
+    x = layers.dense(size.mlp_dim, ("embed", "mlp"), cfg.dtype, use_bias=True, name="head_hidden")(
+      x
+    )
+    x = jnp.tanh(x)
+    x = layers.dense(
+      cfg.patch_size**2 * channels, ("mlp", None), jnp.float32, use_bias=True, name="head_out"
+    )(x)
+    return unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.grid)
+
+
+class VitVQGAN(nn.Module):
+  """The whole tokenizer; `__call__` reconstructs, `encode`/`decode` convert."""
+
+  config: TokenizerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = Encoder(cfg)
+    self.quantizer = FactorizedQuantizer(cfg.codebook_size, cfg.code_dim, cfg.l2_normalize)
+    self.decoder = Decoder(cfg)
+
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Returns (raw decoder outputs, ids [B, h, w], VQ losses)."""
+    quantized, ids, losses = self.quantizer(self.encoder(images))
+    return self.decoder(quantized), ids.reshape(ids.shape[0], *self.config.grid), losses
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, h, w]."""
+    ids = self.quantizer.lookup(self.encoder(images))
+    return ids.reshape(ids.shape[0], *self.config.grid)
+
+  def decode(self, ids: jax.Array) -> jax.Array:
+    """code ids [B, h, w] -> images [B, H, W, 3], clipped to [0, 1]."""
+    codes = self.quantizer.embed(ids.reshape(ids.shape[0], -1))
+    return to_image(self.decoder(codes), self.config)
+
+
+def to_image(raw: jax.Array, config: TokenizerConfig) -> jax.Array:
+  """Decoder outputs as RGB in [0, 1]: raw values clipped (or sigmoid of the
+  logit-Laplace location)."""
+  if config.logit_laplace:
+    return jax.nn.sigmoid(raw[..., :3])
+  return jnp.clip(raw, 0.0, 1.0)
