@@ -41,16 +41,10 @@ ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation", "backgr
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectedObject:
-  """An object found in an image; geometry as fractions of the image side."""
+class DetectedObject(spec.SceneObject):
+  """An object found in an image, and how many pixels it covers."""
 
-  color: str
-  shape: str
-  size: str
-  position: int
-  center: tuple[float, float]
-  side: float
-  area: int
+  area: int = 0
 
 
 def detect_background(image: np.ndarray) -> str:
