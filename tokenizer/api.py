@@ -13,7 +13,6 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -94,7 +93,7 @@ class ImageTokenizer:
       images = images.astype(np.float32) / 255.0
     padded, size = self._pad(images.astype(np.float32))
     with partitioning.activate(self._mesh, self._rules):
-      ids = self._encode(self.params, jnp.asarray(padded))
+      ids = self._encode(self.params, jax.device_put(padded, self._images))
     return np.asarray(ids)[:size]
 
   def decode(self, ids) -> np.ndarray:
@@ -106,5 +105,5 @@ class ImageTokenizer:
       raise ValueError(f"Code ids must lie in [0, {self.codebook_size}).")
     padded, size = self._pad(ids.astype(np.int32))
     with partitioning.activate(self._mesh, self._rules):
-      images = self._decode(self.params, jnp.asarray(padded))
+      images = self._decode(self.params, jax.device_put(padded, self._ids))
     return np.asarray(images)[:size]
