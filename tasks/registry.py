@@ -22,6 +22,7 @@ import tensorflow as tf
 from parti.tasks import preprocessors, sources, token_records, vocabularies
 from parti.tasks.shapes import builder as shapes_builder
 
+# Parti's text length in tokens: the default TASK_FEATURE_LENGTHS["inputs"] of the jobs.
 TEXT_LENGTH = 128
 
 
