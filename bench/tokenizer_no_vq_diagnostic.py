@@ -42,7 +42,9 @@ def main(argv):
   ae = AE()
   params = nn.meta.unbox(ae.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   tx = optax.adamw(
-    optax.warmup_cosine_decay_schedule(0, 2e-3, 30, _STEPS.value, 1e-4),
+    optax.warmup_cosine_decay_schedule(
+      0, 2e-3, min(30, max(1, _STEPS.value // 10)), _STEPS.value, 1e-4
+    ),
     b1=0.9,
     b2=0.99,
     weight_decay=1e-4,
