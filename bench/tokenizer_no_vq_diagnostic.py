@@ -36,6 +36,20 @@ class AE(nn.Module):
     return model.Decoder(cfg)(model.l2_normalize(model.Encoder(cfg)(x)))
 
 
+def _shapes_images(split: str, batch: int, shuffle: bool, num_epochs: int | None = None):
+  return input_pipeline.get_dataset(
+    "parti_shapes_64_10k_images",
+    split=split,
+    task_feature_lengths={"image": 64},
+    feature_converter=seqio.PassThroughFeatureConverter(),
+    global_batch_size=batch,
+    shuffle=shuffle,
+    seed=0,
+    num_epochs=num_epochs,
+    shard_info=seqio.ShardInfo(0, 1),
+  )
+
+
 def main(argv):
   del argv
   seqio.set_tfds_data_dir_override(_DATA_DIR.value)
@@ -57,34 +71,14 @@ def main(argv):
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, loss
 
-  ds = input_pipeline.get_dataset(
-    "parti_shapes_64_10k_images",
-    split="train",
-    task_feature_lengths={"image": 64},
-    feature_converter=seqio.PassThroughFeatureConverter(),
-    global_batch_size=16,
-    shuffle=True,
-    seed=0,
-    shard_info=seqio.ShardInfo(0, 1),
-  )
-  it = ds.as_numpy_iterator()
+  it = _shapes_images("train", batch=16, shuffle=True).as_numpy_iterator()
   t = time.time()
   for i in range(_STEPS.value):
     params, opt, loss = step(params, opt, next(it)["image"])
     if (i + 1) % 100 == 0:
       print(i + 1, float(loss), f"{time.time() - t:.0f}s", flush=True)
-  ev = input_pipeline.get_dataset(
-    "parti_shapes_64_10k_images",
-    split="test",
-    task_feature_lengths={"image": 64},
-    feature_converter=seqio.PassThroughFeatureConverter(),
-    global_batch_size=50,
-    shuffle=False,
-    num_epochs=1,
-    shard_info=seqio.ShardInfo(0, 1),
-  )
   ps = []
-  for b in ev.as_numpy_iterator():
+  for b in _shapes_images("test", batch=50, shuffle=False, num_epochs=1).as_numpy_iterator():
     r = np.clip(np.asarray(ae.apply(params, b["image"])), 0, 1)
     ps.append(-10 * np.log10(np.mean((r - b["image"]) ** 2, axis=(1, 2, 3))))
   print("no-VQ held-out PSNR", float(np.mean(np.concatenate(ps))))
