@@ -2,7 +2,7 @@
 on reconstructions, after training with a gin config.
 
     python bench/tokenizer_quality.py --data_dir=runs/tfds [--gin_file=gin/tokenizer/tiny_shapes.gin]
-      [--gin.train.num_steps=300] [--model_dir=runs/bench_tokenizer]
+      [--gin.train_tokenizer.num_steps=300] [--model_dir=runs/bench_tokenizer]
 
 Prepares parti_shapes/64_10k in --data_dir if needed, trains (or resumes) in
 --model_dir, then reconstructs the test split and reports: PSNR, the fraction of

@@ -13,13 +13,15 @@ from conftest import REPO_ROOT
 from parti import gin_utils
 
 GIN_FILES = sorted((REPO_ROOT / "gin").rglob("*.gin"))
-_COMMAND = re.compile(r"^# python -m (?P<module>[\w.]+) --gin_file=(?P<file>\S+)")
+_COMMAND = re.compile(r"^# python -m (?P<module>[\w.]+) (?P<args>--gin_file=.*)$")
 
 
 def _header(path):
+  """(module, the command's gin files in order): a file may be run with others (t5x style)."""
   match = _COMMAND.match(path.read_text().splitlines()[0])
   assert match, f"{path} must start with '# python -m MODULE --gin_file=...'"
-  return match
+  files = re.findall(r"--gin_file=(\S+)", match["args"])
+  return match["module"], [REPO_ROOT / f for f in files]
 
 
 def _required_macros(path):
@@ -44,11 +46,12 @@ def test_there_are_gin_files():
 
 @pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_gin_file_names_its_command_and_parses(path):
-  header = _header(path)
-  assert (REPO_ROOT / header["file"]).resolve() == path.resolve(), "the header runs another file"
+  module, files = _header(path)
+  assert files[0].resolve() == path.resolve(), "the header's first --gin_file is another file"
   # The job module registers its configurables on import.
-  importlib.import_module(header["module"])
-  gin_utils.parse([str(path)], [f"{macro} = '/tmp/unused'" for macro in _required_macros(path)])
+  importlib.import_module(module)
+  required = [macro for f in files for macro in _required_macros(f)]
+  gin_utils.parse([str(f) for f in files], [f"{macro} = '/tmp/unused'" for macro in required])
   assert gin.config_is_locked()
 
 

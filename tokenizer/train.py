@@ -434,7 +434,8 @@ def _load_start(init_from: str, config: TokenizerConfig, params, shardings):
   return merged
 
 
-configured_train = gin.external_configurable(train)
+# Named train_tokenizer so that it and parti.train can be configured in one process.
+configured_train = gin.external_configurable(train, name="train_tokenizer")
 gin.external_configurable(TokenizerConfig, module="tokenizer")
 gin.external_configurable(losses.LossWeights, module="tokenizer")
 
