@@ -77,3 +77,34 @@ def measure_matmul_peak(
     best = min(best, time.perf_counter() - start)
   flops = 2.0 * size**3 * matmuls_per_trial
   return MatmulPeak(flops / best, size, dtype.name, str(device))
+
+
+def parti_forward_flops(config, text_length: int | None = None) -> float:
+  """Model FLOPs of one example's teacher-forced forward pass through Parti.
+
+  Counts the matmuls (projections, MLPs, attention scores and mixing, logits) at
+  2 FLOPs per multiply-add; full (not causal-halved) attention, as PaLM's MFU
+  does. Norms, softmax and embedding lookups are negligible and left out.
+  """
+  t = text_length or config.text_length
+  n = config.image_length
+  d, m, hd = config.embed_dim, config.mlp_dim, config.num_heads * config.per_head_dim
+  mlp_mats = 3 if config.gated_mlp else 2
+  encoder_layer = 2 * (4 * t * d * hd + mlp_mats * t * d * m + 2 * t * t * hd)
+  decoder_layer = 2 * (
+    4 * n * d * hd  # self-attention projections
+    + 2 * n * d * hd
+    + 2 * t * d * hd  # cross-attention: q, out on images; k, v on text
+    + mlp_mats * n * d * m
+    + 2 * n * n * hd  # self-attention scores and mixing
+    + 2 * n * t * hd  # cross-attention scores and mixing
+  )
+  logits = 2 * n * d * config.image_vocab_size
+  return float(
+    config.num_encoder_layers * encoder_layer + config.num_decoder_layers * decoder_layer + logits
+  )
+
+
+def parti_train_flops(config, batch_size: int, text_length: int | None = None) -> float:
+  """Model FLOPs of one training step: forward plus backward (3x), rematerialization excluded."""
+  return 3.0 * batch_size * parti_forward_flops(config, text_length)

@@ -134,36 +134,82 @@ class Attention(nn.Module):
 
   `mask` ([batch, 1 or heads, q_length, kv_length], True = attend) and `bias`
   (added to the logits, e.g. T5's relative position bias) are optional.
+
+  With `decode=True` the layer keeps keys and values in the `cache` collection:
+  * self-attention (`cross=False`): the first call writes its n positions into a
+    cache of `max_length` and attends causally among them (a prefill); each later
+    call appends its positions at the cache index and attends to everything
+    written so far. `mask` is then ignored.
+  * cross-attention (`cross=True`): the keys and values of `inputs_kv` (the
+    encoder output) are computed by the first call and only read afterwards, so a
+    decoding step costs nothing per text token but the dot products.
   """
 
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
+  cross: bool = False
+  max_length: int = 0
 
   @nn.compact
   def __call__(
     self,
     inputs_q: jax.Array,
-    inputs_kv: jax.Array,
+    inputs_kv: jax.Array | None,
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     deterministic: bool = True,
+    decode: bool = False,
   ) -> jax.Array:
     shape = (self.num_heads, self.head_dim)
     axes = ("embed", "heads", "kv")
+    qkv_axes = ("batch", "length", "heads", "kv")
     query = dense(shape, axes, self.dtype, name="query")(inputs_q)
-    key = dense(shape, axes, self.dtype, name="key")(inputs_kv)
-    value = dense(shape, axes, self.dtype, name="value")(inputs_kv)
-    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    query = nn.with_logical_constraint(query, qkv_axes)
+    initialized = self.has_variable("cache", "cached_key")
+    if decode and self.cross and initialized:
+      key = self.get_variable("cache", "cached_key")
+      value = self.get_variable("cache", "cached_value")
+    else:
+      key = dense(shape, axes, self.dtype, name="key")(inputs_kv)
+      value = dense(shape, axes, self.dtype, name="value")(inputs_kv)
+      key = nn.with_logical_constraint(key, qkv_axes)
+      value = nn.with_logical_constraint(value, qkv_axes)
+    if decode and self.cross and not initialized:
+      self.put_variable("cache", "cached_key", key)
+      self.put_variable("cache", "cached_value", value)
+    elif decode and not self.cross:
+      key, value, mask = self._update_self_cache(key, value, mask, initialized)
     out = dot_product_attention(
       query, key, value, mask, bias, self.dropout_rate, deterministic, self.make_rng
     )
     return dense(
       inputs_q.shape[-1], ("heads", "kv", "embed"), self.dtype, axis=(-2, -1), name="out"
     )(out)
+
+  def _update_self_cache(self, key, value, mask, initialized):
+    """Writes this call's keys and values into the cache; returns what to attend to."""
+    if self.max_length < key.shape[1]:
+      raise ValueError(f"Decoding {key.shape[1]} positions into a cache of {self.max_length}.")
+    batch, length = key.shape[:2]
+    cache_shape = (batch, self.max_length, self.num_heads, self.head_dim)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:
+      # The prefill: attend among this call's positions with the caller's mask.
+      start = jnp.zeros((), jnp.int32)
+    else:
+      start = index.value
+      positions = start + jnp.arange(length)
+      mask = (jnp.arange(self.max_length)[None, :] <= positions[:, None])[None, None]
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+    index.value = start + length
+    if not initialized:
+      return key, value, mask
+    return cached_key.value, cached_value.value, mask
 
 
 def dot_product_attention(query, key, value, mask, bias, dropout_rate, deterministic, make_rng):
@@ -194,17 +240,18 @@ class EncoderBlock(nn.Module):
   norm: str = "layernorm"
   gated_mlp: bool = False
   dropout_rate: float = 0.0
+  head_dim: int | None = None  # Default: embed // num_heads.
 
   @nn.compact
   def __call__(
     self, x: jax.Array, mask: jax.Array | None = None, bias=None, deterministic: bool = True
   ) -> jax.Array:
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    embed = x.shape[-1]
+    head_dim = self.head_dim or x.shape[-1] // self.num_heads
     y = Norm(self.norm, name="pre_attention_norm")(x)
-    y = Attention(
-      self.num_heads, embed // self.num_heads, self.dtype, self.dropout_rate, name="attention"
-    )(y, y, mask, bias, deterministic)
+    y = Attention(self.num_heads, head_dim, self.dtype, self.dropout_rate, name="attention")(
+      y, y, mask, bias, deterministic
+    )
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = Norm(self.norm, name="pre_mlp_norm")(x)
     y = Mlp(self.mlp_dim, self.dtype, self.gated_mlp, self.dropout_rate, name="mlp")(

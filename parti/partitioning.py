@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -247,3 +248,49 @@ def abstract_with_shardings(tree, shardings):
   return jax.tree_util.tree_map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+class _ParamAxes:
+  """A parameter's logical names and shape, as one pytree leaf."""
+
+  def __init__(self, names: tuple[str | None, ...] | None, shape: tuple[int, ...]):
+    self.names, self.shape = names, shape
+
+
+def _state_leaf_axes(leaf, param: _ParamAxes):
+  """Logical names for an optimizer-state leaf that belongs to `param`.
+
+  Full-shape leaves (Adam moments, momentum) take the parameter's names; factored
+  second moments (Adafactor's row and column statistics) and per-row scales drop
+  or blank the reduced axis; anything else is replicated.
+  """
+  names, shape = param.names, param.shape
+  if names is None or not hasattr(leaf, "shape"):
+    return leaf
+  if leaf.shape == shape:
+    axes = names
+  elif len(shape) >= 2 and leaf.shape == shape[:-1]:
+    axes = names[:-1]
+  elif len(shape) >= 2 and leaf.shape == shape[:-2] + shape[-1:]:
+    axes = names[:-2] + names[-1:]
+  elif leaf.shape == (*shape[:-1], 1):
+    axes = (*names[:-1], None)
+  else:
+    return leaf
+  return nn.LogicallyPartitioned(leaf, tuple(axes))
+
+
+def box_optimizer_state(optimizer, opt_state, boxed_params):
+  """Gives each optimizer-state leaf the logical names of the parameter it tracks.
+
+  `optimizer.init(boxed_params)` is wrong for optimizers whose state is not
+  parameter-shaped (Adafactor's factored moments would inherit names of the wrong
+  rank), so initialize on plain parameters and box the state with this.
+  """
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  axes = jax.tree_util.tree_map(
+    lambda b: _ParamAxes(b.names, b.value.shape) if is_box(b) else _ParamAxes(None, ()),
+    boxed_params,
+    is_leaf=is_box,
+  )
+  return optax.tree_utils.tree_map_params(optimizer, _state_leaf_axes, opt_state, axes)

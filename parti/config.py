@@ -1,0 +1,140 @@
+"""The Parti transformer's architecture as a frozen dataclass; gin sets its fields.
+
+The defaults are the paper's 350M model (Yu et al. 2022, Table 1): 16k SentencePiece
+text vocabulary, 128 text tokens, 8192 image codes, a 32x32 grid of image tokens.
+The paper's other sizes, and tiny CPU sizes, are gin files in gin/models/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from parti.errors import ConfigError
+
+NORMS = ("layernorm", "rmsnorm")
+TEXT_POSITIONS = ("relative", "learned")
+NULL_CONDITIONS = ("empty", "learned")
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartiConfig:
+  """An encoder-decoder from text tokens to image tokens.
+
+  Attributes:
+    text_vocab_size: SentencePiece vocabulary size (id 0 is padding, 1 is EOS).
+    text_length: text tokens the encoder reads.
+    image_vocab_size: codes of the image tokenizer; the decoder's BOS is this id.
+    image_grid: (rows, cols) of image tokens; the decoder models rows*cols tokens.
+    embed_dim: model (residual) width.
+    mlp_dim: MLP hidden width.
+    num_heads: attention heads.
+    num_encoder_layers: text encoder blocks.
+    num_decoder_layers: image decoder blocks.
+    head_dim: per-head width (default embed_dim // num_heads).
+    norm: "layernorm" (Parti) or "rmsnorm".
+    gated_mlp: gated-GELU MLP (three matrices) instead of Parti's plain two-matrix MLP.
+    text_positions: "relative" (T5 bias buckets) or "learned" absolute embeddings.
+    relative_buckets: T5 relative-position buckets.
+    relative_max_distance: distance beyond which T5 buckets saturate.
+    tie_image_embeddings: the decoder's logits reuse its input embedding matrix.
+    dtype: compute dtype of projections and MLPs; norms, softmax and logits are float32.
+    scan_layers: stack each tower's blocks with `nn.scan` (one compiled block).
+    remat_policy: "none", "full" (recompute each block) or "save_dots" (keep matmul outputs).
+    dropout_rate: dropout in attention and MLP blocks.
+    cfg_dropout_rate: probability of training an example on the null condition
+      (classifier-free guidance).
+    null_condition: "empty" (the encoding of an empty prompt) or "learned" (a
+      learned encoder output).
+  """
+
+  text_vocab_size: int = 16_384
+  text_length: int = 128
+  image_vocab_size: int = 8192
+  image_grid: tuple[int, int] = (32, 32)
+  embed_dim: int = 1024
+  mlp_dim: int = 4096
+  num_heads: int = 16
+  num_encoder_layers: int = 12
+  num_decoder_layers: int = 12
+  head_dim: int | None = None
+  norm: str = "layernorm"
+  gated_mlp: bool = False
+  text_positions: str = "relative"
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  tie_image_embeddings: bool = True
+  dtype: str = "bfloat16"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dropout_rate: float = 0.0
+  cfg_dropout_rate: float = 0.1
+  null_condition: str = "empty"
+
+  def __post_init__(self):
+    object.__setattr__(self, "image_grid", tuple(self.image_grid))
+    choices = {
+      "norm": NORMS,
+      "text_positions": TEXT_POSITIONS,
+      "null_condition": NULL_CONDITIONS,
+      "remat_policy": REMAT_POLICIES,
+      "dtype": DTYPES,
+    }
+    for field, allowed in choices.items():
+      if getattr(self, field) not in allowed:
+        raise ConfigError(
+          f"PartiConfig.{field} is {getattr(self, field)!r}; expected one of {allowed}."
+        )
+    positive = (
+      "text_vocab_size", "text_length", "image_vocab_size", "embed_dim", "mlp_dim", "num_heads",
+      "num_encoder_layers", "num_decoder_layers",
+    )  # fmt: skip
+    for field in positive:
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        raise ConfigError(
+          f"PartiConfig.{field} must be a positive int, got {getattr(self, field)!r}."
+        )
+    if len(self.image_grid) != 2 or min(self.image_grid) < 1:
+      raise ConfigError(f"PartiConfig.image_grid must be (rows, cols), got {self.image_grid!r}.")
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      raise ConfigError(
+        f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+        "set head_dim explicitly."
+      )
+    for field in ("dropout_rate", "cfg_dropout_rate"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise ConfigError(f"PartiConfig.{field} must be in [0, 1), got {getattr(self, field)}.")
+
+  @property
+  def image_length(self) -> int:
+    return self.image_grid[0] * self.image_grid[1]
+
+  @property
+  def bos_id(self) -> int:
+    """The decoder's start token: one past the last image code."""
+    return self.image_vocab_size
+
+  @property
+  def per_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  def replace(self, **changes) -> PartiConfig:
+    return dataclasses.replace(self, **changes)
+
+  def save(self, path: str | pathlib.Path) -> None:
+    from parti import files
+
+    files.atomic_write_json(path, dataclasses.asdict(self))
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path) -> PartiConfig:
+    raw = json.loads(pathlib.Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(raw) - known:
+      raise ConfigError(
+        f"{path} has fields this version does not know: {sorted(set(raw) - known)}."
+      )
+    return cls(**raw)

@@ -1,0 +1,347 @@
+"""The Parti encoder-decoder: text tokens in, image-token logits out.
+
+  encoder_input_tokens [B, T] -> embed (+ learned positions, or T5 relative bias)
+    -> pre-norm self-attention blocks -> final norm -> encoded [B, T, D]
+  decoder_input_tokens [B, N] (BOS = image_vocab_size, then image codes)
+    -> embed + row and column embeddings of each token's place in the grid
+    -> pre-norm blocks (causal self-attention, cross-attention, MLP) -> final norm
+    -> float32 logits over the image codes [B, N, image_vocab_size]
+
+Classifier-free guidance is trained here: with probability `cfg_dropout_rate` an
+example's text is replaced by the null condition (see `Parti.encode`).
+Decoding hooks: `encode()` once, then `decode(..., decode=True)` with a mutable
+`cache` collection, one or more positions per call (see `layers.Attention`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from parti import layers
+from parti.config import PartiConfig
+
+_EMBED_INIT = nn.initializers.normal(stddev=1.0)
+# Input embedding tables are padded to a multiple of this, so that they split evenly
+# over any model axis a real mesh has.
+_VOCAB_PAD = 128
+
+
+def padded_vocab(size: int) -> int:
+  return -(-size // _VOCAB_PAD) * _VOCAB_PAD
+
+
+def _remat_policy(name: str):
+  return {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+def relative_position_bucket(relative_position: jax.Array, num_buckets: int, max_distance: int):
+  """T5's bidirectional buckets: exact for small distances, logarithmic up to max_distance."""
+  num_buckets //= 2
+  bucket = (relative_position > 0).astype(jnp.int32) * num_buckets
+  distance = jnp.abs(relative_position)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
+    max_distance / max_exact
+  )
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's learned per-head bias over relative-position buckets, [1, heads, q, k]."""
+
+  num_heads: int
+  num_buckets: int
+  max_distance: int
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    positions = jnp.arange(length)
+    buckets = relative_position_bucket(
+      positions[None, :] - positions[:, None], self.num_buckets, self.max_distance
+    )
+    table = self.param(
+      "rel_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.1), ("heads", None)),
+      (self.num_heads, self.num_buckets),
+      jnp.float32,
+    )
+    return jnp.take(table, buckets, axis=1)[None]
+
+
+class EncoderLayer(nn.Module):
+  """A text encoder block, shaped (carry, *broadcast) -> (carry, None) for `nn.scan`."""
+
+  config: PartiConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, bias):
+    cfg = self.config
+    x = layers.EncoderBlock(
+      cfg.num_heads,
+      cfg.mlp_dim,
+      jnp.dtype(cfg.dtype),
+      cfg.norm,
+      cfg.gated_mlp,
+      cfg.dropout_rate,
+      head_dim=cfg.per_head_dim,
+      name="block",
+    )(x, mask, bias, self.deterministic)
+    return x, None
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, cross-attention to the text, and an MLP."""
+
+  config: PartiConfig
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, encoded, encoder_mask, self_mask):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+
+    def dropout(y):
+      return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+
+    x = nn.with_logical_constraint(x, layers.ACTIVATION_AXES)
+    y = layers.Norm(cfg.norm, name="pre_self_attention_norm")(x)
+    y = layers.Attention(
+      cfg.num_heads,
+      cfg.per_head_dim,
+      dtype,
+      cfg.dropout_rate,
+      max_length=cfg.image_length,
+      name="self_attention",
+    )(y, y, self_mask, None, self.deterministic, self.decode)
+    x = x + dropout(y)
+    y = layers.Norm(cfg.norm, name="pre_cross_attention_norm")(x)
+    y = layers.Attention(
+      cfg.num_heads, cfg.per_head_dim, dtype, cfg.dropout_rate, cross=True, name="cross_attention"
+    )(y, encoded, encoder_mask, None, self.deterministic, self.decode)
+    x = x + dropout(y)
+    y = layers.Norm(cfg.norm, name="pre_mlp_norm")(x)
+    y = layers.Mlp(cfg.mlp_dim, dtype, cfg.gated_mlp, cfg.dropout_rate, name="mlp")(
+      y, self.deterministic
+    )
+    x = x + dropout(y)
+    return nn.with_logical_constraint(x.astype(jnp.float32), layers.ACTIVATION_AXES), None
+
+
+def _stack(layer_cls, config: PartiConfig, num_layers: int, name: str, **attributes):
+  """`num_layers` layers as one scanned module, or as a Python loop of named ones."""
+  if config.remat_policy != "none":
+    layer_cls = nn.remat(
+      layer_cls, policy=_remat_policy(config.remat_policy), prevent_cse=not config.scan_layers
+    )
+  if config.scan_layers:
+    scanned = nn.scan(
+      layer_cls,
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=nn.broadcast,
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, name=name, **attributes)
+    return lambda x, *args: scanned(x, *args)[0]
+
+  def loop(x, *args):
+    for i in range(num_layers):
+      x, _ = layer_cls(config, name=f"{name}_{i}", **attributes)(x, *args)
+    return x
+
+  return loop
+
+
+class TextEncoder(nn.Module):
+  """SentencePiece tokens -> encoded text [B, T, D] and its key mask [B, 1, 1, T]."""
+
+  config: PartiConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool = True):
+    cfg = self.config
+    embed = nn.Embed(
+      padded_vocab(cfg.text_vocab_size),
+      cfg.embed_dim,
+      embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
+      name="token_embedding",
+    )
+    x = embed(tokens)
+    length = tokens.shape[1]
+    bias = None
+    if cfg.text_positions == "learned":
+      if length > cfg.text_length:
+        raise ValueError(f"{length} text tokens exceed text_length {cfg.text_length}.")
+      positions = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+        (cfg.text_length, cfg.embed_dim),
+        jnp.float32,
+      )
+      x = x + positions[None, :length]
+    else:
+      bias = RelativePositionBias(
+        cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance, name="relative_bias"
+      )(length)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    mask = (tokens > 0)[:, None, None, :]
+    x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, "layers", deterministic=deterministic)(
+      x, mask, bias
+    )
+    return layers.Norm(cfg.norm, name="final_norm")(x), mask
+
+
+class ImageDecoder(nn.Module):
+  """Image tokens (BOS first) and encoded text -> float32 logits over the image codes."""
+
+  config: PartiConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    tokens: jax.Array,
+    encoded: jax.Array | None,
+    encoder_mask: jax.Array,
+    deterministic: bool = True,
+    decode: bool = False,
+  ) -> jax.Array:
+    cfg = self.config
+    rows, cols = cfg.image_grid
+    embed = nn.Embed(
+      padded_vocab(cfg.image_vocab_size + 1),  # + BOS
+      cfg.embed_dim,
+      embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
+      name="token_embedding",
+    )
+    length = tokens.shape[1]
+    positions = jnp.arange(length)
+    if decode:
+      # Where this call's tokens sit in the image: after all previously decoded ones.
+      start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      positions = positions + start.value
+      start.value = start.value + length
+    row_embedding = self.param(
+      "row_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+      (rows, cfg.embed_dim),
+      jnp.float32,
+    )
+    col_embedding = self.param(
+      "col_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+      (cols, cfg.embed_dim),
+      jnp.float32,
+    )
+    x = embed(tokens) + row_embedding[positions // cols] + col_embedding[positions % cols]
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    causal = nn.make_causal_mask(tokens, dtype=jnp.bool_)
+    x = _stack(
+      DecoderLayer,
+      cfg,
+      cfg.num_decoder_layers,
+      "layers",
+      deterministic=deterministic,
+      decode=decode,
+    )(x, encoded, encoder_mask, causal)
+    x = layers.Norm(cfg.norm, name="final_norm")(x)
+    if cfg.tie_image_embeddings:
+      # T5's scaling, so that tied logits start at the scale of an untied projection.
+      logits = embed.attend(x.astype(jnp.float32)) / jnp.sqrt(cfg.embed_dim).astype(jnp.float32)
+      logits = logits[..., : cfg.image_vocab_size]
+    else:
+      logits = layers.dense(
+        cfg.image_vocab_size, ("embed", "vocab"), jnp.float32, name="logits"
+      )(x)  # fmt: skip
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class Parti(nn.Module):
+  """The encoder-decoder. `__call__` is the teacher-forced forward of training."""
+
+  config: PartiConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = TextEncoder(cfg)
+    self.decoder = ImageDecoder(cfg)
+    if cfg.null_condition == "learned":
+      self.null_embedding = self.param(
+        "null_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+        (1, cfg.embed_dim),
+        jnp.float32,
+      )
+
+  def null_tokens(self, batch: int, length: int) -> jax.Array:
+    """The tokens of an empty prompt: EOS (1), then padding."""
+    return jnp.zeros((batch, length), jnp.int32).at[:, 0].set(1)
+
+  def condition_dropout(self, batch: int) -> jax.Array:
+    """Which examples train on the null condition: bool [batch], each with cfg_dropout_rate."""
+    return jax.random.bernoulli(self.make_rng("dropout"), self.config.cfg_dropout_rate, (batch,))
+
+  def encode(
+    self,
+    encoder_input_tokens: jax.Array,
+    enable_dropout: bool = False,
+    null: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """Text tokens [B, T] -> (encoded [B, T, D], key mask [B, 1, 1, T]).
+
+    Args:
+      encoder_input_tokens: padded SentencePiece ids (0 = padding).
+      enable_dropout: training mode (dropout, and null-condition dropout if
+        `null` is not given and cfg_dropout_rate > 0).
+      null: bool [B]: examples to encode as the null condition instead. The
+        sampler passes all-True for the unconditional half of guidance.
+    """
+    cfg = self.config
+    tokens = encoder_input_tokens
+    if null is None and enable_dropout and cfg.cfg_dropout_rate > 0:
+      null = self.condition_dropout(tokens.shape[0])
+    if null is not None and cfg.null_condition == "empty":
+      tokens = jnp.where(null[:, None], self.null_tokens(*tokens.shape), tokens)
+    encoded, mask = self.encoder(tokens, deterministic=not enable_dropout)
+    if null is not None and cfg.null_condition == "learned":
+      # The learned null condition is one encoder output vector, at position 0.
+      learned = jnp.zeros_like(encoded).at[:, 0].set(self.null_embedding[0])
+      encoded = jnp.where(null[:, None, None], learned, encoded)
+      only_first = (jnp.arange(tokens.shape[1]) == 0)[None, None, None, :]
+      mask = jnp.where(null[:, None, None, None], only_first, mask)
+    return encoded, mask
+
+  def decode(
+    self,
+    decoder_input_tokens: jax.Array,
+    encoded: jax.Array | None,
+    encoder_mask: jax.Array,
+    enable_dropout: bool = False,
+    decode: bool = False,
+  ) -> jax.Array:
+    """Image tokens -> logits. With `decode=True`, reads and extends the KV cache;
+    after the first (prefill) call `encoded` may be None: cross-attention reads
+    its cached keys and values."""
+    return self.decoder(
+      decoder_input_tokens, encoded, encoder_mask, deterministic=not enable_dropout, decode=decode
+    )
+
+  def __call__(
+    self,
+    encoder_input_tokens: jax.Array,
+    decoder_input_tokens: jax.Array,
+    enable_dropout: bool = False,
+  ) -> jax.Array:
+    encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
+    return self.decode(decoder_input_tokens, encoded, mask, enable_dropout)

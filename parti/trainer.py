@@ -1,0 +1,212 @@
+"""The Parti train and eval steps: pure functions of (state, batch), jitted by the job.
+
+A batch holds t5x's encoder-decoder features (`encoder_input_tokens`,
+`decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights`), or
+`encoder_input_tokens` and raw `images`, which a frozen image tokenizer turns
+into those features inside the step.
+
+Gradients are accumulated over microbatches with `lax.scan`: the loss is
+normalized by the whole batch's weight, so any number of microbatches gives the
+same update as one. Dropout randomness is `fold_in(seed, step)`, so a resumed
+run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from parti import losses, partitioning
+from parti.config import PartiConfig
+from parti.errors import ConfigError
+from parti.model import Parti
+
+Batch = dict[str, jax.Array]
+# (tokenizer params, images [B, H, W, 3]) -> image token ids [B, h, w]
+ImageEncoder = Callable[[Any, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the input position."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 key data: the seed of every step's dropout.
+
+
+class PartiTrainer:
+  """The model, optimizer and objective of one run, as jittable functions."""
+
+  def __init__(
+    self,
+    config: PartiConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    image_encoder: ImageEncoder | None = None,
+  ):
+    if microbatches < 1:
+      raise ConfigError(f"microbatches must be positive, got {microbatches}.")
+    self.config = config
+    self.model = Parti(config)
+    self.optimizer = optimizer
+    self.microbatches = microbatches
+    self.label_smoothing = label_smoothing
+    self.z_loss = z_loss
+    self.image_encoder = image_encoder
+
+  # --- Initialization ------------------------------------------------------------------------
+
+  def dummy_batch(self, batch_size: int = 1) -> Batch:
+    cfg = self.config
+    text = jnp.ones((batch_size, cfg.text_length), jnp.int32)
+    image = jnp.zeros((batch_size, cfg.image_length), jnp.int32)
+    return {
+      "encoder_input_tokens": text,
+      "decoder_input_tokens": image,
+      "decoder_target_tokens": image,
+      "decoder_loss_weights": jnp.ones_like(image),
+    }
+
+  def init_params(self, rng: jax.Array):
+    """Boxed (logically partitioned) parameters."""
+    batch = self.dummy_batch()
+    return self.model.init(
+      rng, batch["encoder_input_tokens"], batch["decoder_input_tokens"], enable_dropout=False
+    )["params"]
+
+  def init(self, seed: int) -> TrainState:
+    """The initial state (boxed leaves: use with `partitioning.init_sharded`)."""
+    rng = jax.random.key(seed)
+    params = self.init_params(jax.random.fold_in(rng, 0))
+    opt_state = self.optimizer.init(nn.meta.unbox(params))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=partitioning.box_optimizer_state(self.optimizer, opt_state, params),
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+    )
+
+  # --- Steps ---------------------------------------------------------------------------------
+
+  def to_model_features(self, batch: Batch, tokenizer_params=None) -> Batch:
+    """Raw images -> image tokens with the frozen tokenizer; token batches pass through."""
+    if "images" not in batch:
+      return batch
+    if self.image_encoder is None:
+      raise ConfigError("The batch has raw images but the run has no image tokenizer.")
+    ids = jax.lax.stop_gradient(self.image_encoder(tokenizer_params, batch["images"]))
+    targets = ids.reshape(ids.shape[0], -1).astype(jnp.int32)
+    if targets.shape[1] != self.config.image_length:
+      raise ConfigError(
+        f"The tokenizer makes {targets.shape[1]} tokens per image; the model's image_grid "
+        f"{self.config.image_grid} has {self.config.image_length}."
+      )
+    bos = jnp.full((targets.shape[0], 1), self.config.bos_id, jnp.int32)
+    return {
+      "encoder_input_tokens": batch["encoder_input_tokens"],
+      "decoder_input_tokens": jnp.concatenate([bos, targets[:, :-1]], axis=1),
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": jnp.ones_like(targets),
+    }
+
+  def _sums(self, params, batch: Batch, rng: jax.Array | None) -> dict[str, jax.Array]:
+    logits = self.model.apply(
+      {"params": params},
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      enable_dropout=rng is not None,
+      rngs={"dropout": rng} if rng is not None else None,
+    )
+    return losses.cross_entropy(
+      logits,
+      batch["decoder_target_tokens"],
+      batch["decoder_loss_weights"],
+      self.label_smoothing,
+      self.z_loss,
+    )
+
+  def _split_microbatches(self, batch: Batch) -> Batch:
+    """[B, ...] -> [microbatches, B / microbatches, ...], each microbatch spread over
+    every data shard (row j of microbatch i is example j * microbatches + i)."""
+    m = self.microbatches
+
+    def split(x):
+      if x.shape[0] % m:
+        raise ConfigError(f"Batch of {x.shape[0]} does not split into {m} microbatches.")
+      x = x.reshape(x.shape[0] // m, m, *x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree_util.tree_map(split, batch)
+
+  def gradients(self, params, batch: Batch, rng: jax.Array):
+    """(gradients of the mean loss, summed metrics), accumulated over microbatches."""
+    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"]).astype(jnp.float32), 1.0)
+
+    def loss_fn(p, micro, micro_rng):
+      sums = self._sums(p, micro, micro_rng)
+      return sums["loss"] / total_weight, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if self.microbatches == 1:
+      return grad_fn(params, batch, rng)
+
+    def accumulate(carry, inputs):
+      index, micro = inputs
+      grads, sums = grad_fn(params, micro, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
+
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zero_sums = jax.tree_util.tree_map(
+      jnp.zeros_like, jax.eval_shape(lambda: self._sums(params, self._first(batch), None))
+    )
+    micro = self._split_microbatches(batch)
+    (grads, sums), _ = jax.lax.scan(
+      accumulate, (zero_grads, zero_sums), (jnp.arange(self.microbatches), micro)
+    )
+    return grads, sums
+
+  def _first(self, batch: Batch) -> Batch:
+    size = batch["decoder_target_tokens"].shape[0] // self.microbatches
+    return jax.tree_util.tree_map(lambda x: x[:size], batch)
+
+  def train_step(
+    self, state: TrainState, batch: Batch, tokenizer_params=None
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    batch = self.to_model_features(batch, tokenizer_params)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grads, sums = self.gradients(state.params, batch, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = summarize(sums)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  def eval_sums(self, params, batch: Batch, tokenizer_params=None) -> dict[str, jax.Array]:
+    """Summed loss, nll, correct and weight over a batch, without dropout."""
+    return self._sums(params, self.to_model_features(batch, tokenizer_params), None)
+
+
+def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-token means of summed metrics (loss, accuracy, z-loss, nll)."""
+  weight = jnp.maximum(sums["weight_sum"], 1.0)
+  return {
+    "loss": sums["loss"] / weight,
+    "nll": sums["nll"] / weight,
+    "z_loss": sums["z_loss"] / weight,
+    "accuracy": sums["correct"] / weight,
+    "tokens": sums["weight_sum"],
+  }

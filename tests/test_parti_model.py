@@ -1,0 +1,395 @@
+"""The Parti transformer: sizes, KV-cached decoding, guidance dropout, sharding, precision."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MESH_LAYOUTS, REPO_ROOT
+from flax import linen as nn
+
+from parti import flops, gin_utils, optim, partitioning
+from parti.config import PartiConfig
+from parti.errors import ConfigError
+from parti.model import Parti, relative_position_bucket
+from parti.trainer import PartiTrainer
+
+
+def tiny_config(**overrides) -> PartiConfig:
+  base = dict(
+    text_vocab_size=100,
+    text_length=8,
+    image_vocab_size=64,
+    image_grid=(3, 4),
+    embed_dim=32,
+    mlp_dim=64,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    dtype="float32",
+    cfg_dropout_rate=0.0,
+  )
+  return PartiConfig(**{**base, **overrides})
+
+
+def example_batch(config: PartiConfig, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  targets = rng.integers(0, config.image_vocab_size, (batch, config.image_length)).astype(np.int32)
+  text = rng.integers(2, config.text_vocab_size, (batch, config.text_length)).astype(np.int32)
+  lengths = rng.integers(1, config.text_length + 1, batch)
+  text[np.arange(config.text_length)[None] >= lengths[:, None]] = 0  # Ragged padding.
+  return {
+    "encoder_input_tokens": text,
+    "decoder_input_tokens": np.concatenate(
+      [np.full((batch, 1), config.bos_id, np.int32), targets[:, :-1]], axis=1
+    ),
+    "decoder_target_tokens": targets,
+    "decoder_loss_weights": np.ones_like(targets),
+  }
+
+
+# Compiling dominates these tests on CPU, so jitted functions and parameters are
+# cached per (hashable, frozen) config and shared between tests.
+@functools.cache
+def _jitted_forward(config: PartiConfig):
+  model = Parti(config)
+  return jax.jit(lambda p, t, d: model.apply({"params": p}, t, d))
+
+
+def forward(config: PartiConfig, params, text, image_tokens):
+  """The jitted teacher-forced logits (eager linen would compile op by op)."""
+  return _jitted_forward(config)(params, text, image_tokens)
+
+
+@functools.cache
+def init_params(config: PartiConfig):
+  batch = example_batch(config, 1)
+  init = jax.jit(lambda t, d: Parti(config).init(jax.random.key(0), t, d)["params"])
+  return nn.meta.unbox(init(batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
+
+
+# --- Configuration ----------------------------------------------------------------------------
+
+MODEL_FILES = sorted((REPO_ROOT / "gin" / "models").glob("parti_*.gin"))
+PAPER_FILES = [p for p in MODEL_FILES if re.fullmatch(r"parti_\d+[mb]", p.stem)]
+
+
+def _config_from_gin(path) -> PartiConfig:
+  import parti.train  # noqa: F401  (registers parti.PartiConfig)
+
+  gin.clear_config()
+  try:
+    gin_utils.parse([str(path)], [])
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+
+
+def _parameter_count(config: PartiConfig) -> int:
+  batch = {
+    "tokens": jax.ShapeDtypeStruct((1, config.text_length), jnp.int32),
+    "image": jax.ShapeDtypeStruct((1, config.image_length), jnp.int32),
+  }
+  shapes = jax.eval_shape(
+    lambda: Parti(config).init(jax.random.key(0), jnp.zeros(batch["tokens"].shape, jnp.int32),
+                               jnp.zeros(batch["image"].shape, jnp.int32))
+  )  # fmt: skip
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
+
+
+def test_every_paper_size_has_a_gin_file():
+  assert {p.stem for p in PAPER_FILES} == {"parti_350m", "parti_750m", "parti_3b", "parti_20b"}
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_paper_sizes_have_the_parameters_their_names_promise(path):
+  config = _config_from_gin(path)
+  nominal = float(path.stem.split("_")[1][:-1]) * (1e6 if path.stem.endswith("m") else 1e9)
+  count = _parameter_count(config)
+  assert abs(count - nominal) / nominal < 0.10, f"{path.stem}: {count / 1e6:.0f}M parameters"
+  assert config.text_vocab_size == 16384 and config.image_vocab_size == 8192
+  assert config.image_length == 1024 and config.text_length == 128
+
+
+def test_gated_mlp_makes_350m_much_larger():
+  config = _config_from_gin(REPO_ROOT / "gin/models/parti_350m.gin")
+  plain, gated = _parameter_count(config), _parameter_count(config.replace(gated_mlp=True))
+  # The plain MLP reproduces the paper's count; a gated one would make "350M" ~480M.
+  assert abs(plain - 350e6) / 350e6 < 0.10
+  assert abs(gated - 480e6) / 480e6 < 0.05
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "message"),
+  [
+    ("norm", "batchnorm", "norm"),
+    ("embed_dim", 30, "not divisible by num_heads"),
+    ("cfg_dropout_rate", 1.5, "cfg_dropout_rate"),
+    ("image_grid", (0, 4), "image_grid"),
+    ("remat_policy", "some", "remat_policy"),
+  ],
+)
+def test_bad_configs_are_refused(field, value, message):
+  with pytest.raises(ConfigError, match=message):
+    tiny_config(**{field: value})
+
+
+# --- Forward and decoding ---------------------------------------------------------------------
+
+
+def test_forward_shapes_and_float32_logits():
+  config = tiny_config(dtype="bfloat16")
+  batch = example_batch(config, 2)
+  params = init_params(config)
+  logits = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  assert logits.shape == (2, config.image_length, config.image_vocab_size)
+  assert logits.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_decoder_is_causal():
+  config = tiny_config()
+  batch = example_batch(config, 1)
+  params = init_params(config)
+  changed = batch["decoder_input_tokens"].copy()
+  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
+  a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  b = forward(config, params, batch["encoder_input_tokens"], changed)
+  np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
+  assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+@pytest.mark.parametrize("text_positions", ["relative", "learned"])
+def test_text_padding_changes_nothing(text_positions):
+  config = tiny_config(text_positions=text_positions)
+  batch = example_batch(config, 1)
+  params = init_params(config)
+  text = np.array([[5, 17, 1, 0, 0, 0, 0, 0]], np.int32)
+  padded = forward(config, params, text, batch["decoder_input_tokens"])
+  unpadded = forward(config, params, text[:, :3], batch["decoder_input_tokens"])
+  np.testing.assert_allclose(padded, unpadded, atol=1e-5)
+  other = text.copy()
+  other[0, 1] = 18
+  assert not np.allclose(forward(config, params, other, batch["decoder_input_tokens"]), padded)
+
+
+def _decode_in_steps(config, params, text, tokens, prefill):
+  """Logits from an encode, a prefill of `prefill` tokens, then one token per call."""
+  model = Parti(config)
+  encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=Parti.encode))
+
+  @jax.jit
+  def prefill_fn(p, t, encoded, mask):
+    return model.apply(
+      {"params": p}, t, encoded, mask, decode=True, method=Parti.decode, mutable=["cache"]
+    )
+
+  @jax.jit
+  def step_fn(p, cache, t, mask):
+    return model.apply(
+      {"params": p, "cache": cache}, t, None, mask, decode=True, method=Parti.decode,
+      mutable=["cache"],
+    )  # fmt: skip
+
+  encoded, mask = encode(params, text)
+  logits, variables = prefill_fn(params, tokens[:, :prefill], encoded, mask)
+  steps = [logits]
+  for i in range(prefill, tokens.shape[1]):
+    logits, variables = step_fn(params, variables["cache"], tokens[:, i : i + 1], mask)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1)
+
+
+@pytest.mark.parametrize(
+  ("overrides", "prefill"),
+  [
+    ({}, 1),
+    ({}, 5),
+    ({"scan_layers": False}, 1),
+    ({"text_positions": "learned", "remat_policy": "full"}, 1),
+    ({"null_condition": "learned", "gated_mlp": True, "norm": "rmsnorm"}, 2),
+  ],
+  ids=["scan", "scan_prefill5", "loop", "learned_positions_remat", "learned_null_gated_rms"],
+)
+def test_cached_decoding_matches_the_full_forward(overrides, prefill):
+  config = tiny_config(**overrides)
+  batch = example_batch(config, 2)
+  params = init_params(config)
+  text, tokens = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+  full = forward(config, params, text, tokens)
+  stepped = _decode_in_steps(config, params, text, tokens, prefill)
+  np.testing.assert_allclose(stepped, full, atol=2e-5, rtol=1e-5)
+
+
+def test_decoding_past_the_cache_is_an_error():
+  config = tiny_config()
+  batch = example_batch(config, 1)
+  params = init_params(config)
+  model = Parti(config)
+  encoded = jnp.zeros((1, config.text_length, config.embed_dim))
+  mask = jnp.ones((1, 1, 1, config.text_length), bool)
+  too_long = jnp.zeros((1, config.image_length + 1), jnp.int32)
+  with pytest.raises(ValueError, match="cache"):
+    jax.eval_shape(
+      lambda: model.apply(
+        {"params": params}, too_long, encoded, mask, decode=True, method=Parti.decode,
+        mutable=["cache"],
+      )
+    )  # fmt: skip
+  del batch
+
+
+def test_relative_buckets_are_symmetric_and_saturate():
+  distances = jnp.arange(-300, 301)
+  buckets = np.asarray(relative_position_bucket(distances, 32, 128))
+  assert buckets.min() == 0 and buckets.max() == 31
+  assert buckets[300] == 0  # Distance 0.
+  assert len(set(buckets[:300]) & set(buckets[301:])) == 0  # Directions differ.
+  assert buckets[0] == buckets[50]  # Both beyond max_distance to the left.
+
+
+# --- Classifier-free guidance training ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("null_condition", ["empty", "learned"])
+def test_condition_dropout_rate_and_what_it_drops(null_condition):
+  config = tiny_config(cfg_dropout_rate=0.1, null_condition=null_condition)
+  params = init_params(config)
+  model = Parti(config)
+  batch = 20_000
+  drops = model.apply(
+    {"params": params}, batch, method=Parti.condition_dropout, rngs={"dropout": jax.random.key(3)}
+  )
+  rate = float(np.mean(drops))
+  assert abs(rate - 0.1) < 4 * np.sqrt(0.1 * 0.9 / batch), rate
+
+  encode = jax.jit(
+    lambda t, null: model.apply({"params": params}, t, null=null, method=Parti.encode)
+  )
+  text = example_batch(config, 4)["encoder_input_tokens"]
+  null = jnp.array([True, False, True, False])
+  encoded, mask = encode(text, null)
+  unconditional, u_mask = encode(np.zeros_like(text) + 7, jnp.ones(4, bool))
+  conditional, c_mask = encode(text, jnp.zeros(4, bool))
+  # Dropped rows equal the null encoding whatever the text; kept rows are untouched.
+  np.testing.assert_allclose(encoded[0], unconditional[0], atol=1e-6)
+  np.testing.assert_allclose(encoded[2], unconditional[2], atol=1e-6)
+  np.testing.assert_allclose(encoded[1], conditional[1], atol=1e-6)
+  np.testing.assert_array_equal(mask[0], u_mask[0])
+  np.testing.assert_array_equal(mask[3], c_mask[3])
+  assert not np.allclose(conditional[0], unconditional[0])
+
+
+def test_training_forward_drops_conditions_and_eval_does_not():
+  config = tiny_config(cfg_dropout_rate=0.1, null_condition="empty")
+  batch = example_batch(config, 64)
+  params = init_params(config)
+  model = Parti(config)
+  text, tokens = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+
+  @jax.jit
+  def train_logits(rng):
+    return model.apply({"params": params}, text, tokens, enable_dropout=True, rngs={"dropout": rng})
+
+  evaluation = forward(config, params, text, tokens)
+  dropped = model.apply(
+    {"params": params}, 64, method=Parti.condition_dropout, rngs={"dropout": jax.random.key(5)}
+  )
+  trained = train_logits(jax.random.key(5))
+  differs = np.asarray(jnp.any(jnp.abs(trained - evaluation) > 1e-5, axis=(1, 2)))
+  np.testing.assert_array_equal(differs, np.asarray(dropped))
+  assert 0 < differs.sum() < 32
+
+
+# --- Sharding ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_device_gradients():
+  config = tiny_config(num_heads=8, embed_dim=64, mlp_dim=128, num_encoder_layers=1)
+  trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
+  batch = example_batch(config, 8)
+  params = nn.meta.unbox(trainer.init_params(jax.random.key(0)))
+  grads, sums = jax.jit(trainer.gradients)(params, batch, jax.random.key(1))
+  return config, batch, params, grads, sums
+
+
+@pytest.mark.parametrize("layout", sorted(MESH_LAYOUTS))
+def test_sharded_loss_and_gradients_equal_single_device(layout, single_device_gradients):
+  config, batch, params, expected_grads, expected_sums = single_device_gradients
+  mesh_config = MESH_LAYOUTS[layout]
+  mesh = partitioning.create_mesh(mesh_config)
+  rules = partitioning.rules_for(mesh_config)
+  trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
+  _, shardings = partitioning.init_sharded(
+    lambda: trainer.init_params(jax.random.key(0)), mesh, rules
+  )
+  sharded_params = jax.device_put(params, shardings)
+  batch_sharding = partitioning.logical_sharding(mesh, ("batch", None), rules)
+  sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+  with partitioning.activate(mesh, rules):
+    grads, sums = jax.jit(trainer.gradients, out_shardings=(shardings, None))(
+      sharded_params, sharded_batch, jax.random.key(1)
+    )
+  # The layout really is sharded (not everything replicated) where the rules say so.
+  kernel = grads["decoder"]["layers"]["mlp"]["wi"]["kernel"]
+  if mesh_config.model > 1:
+    assert not kernel.sharding.is_fully_replicated
+  np.testing.assert_allclose(sums["loss"], expected_sums["loss"], rtol=1e-5)
+  for (path, got), want in zip(
+    jax.tree_util.tree_leaves_with_path(grads),
+    jax.tree_util.tree_leaves(expected_grads),
+    strict=True,
+  ):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_microbatches_give_the_same_gradients(single_device_gradients):
+  config, batch, params, expected_grads, expected_sums = single_device_gradients
+  four = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4, microbatches=4)
+  grads, sums = jax.jit(four.gradients)(params, batch, jax.random.key(1))
+  for key in ("loss", "weight_sum", "correct"):
+    np.testing.assert_allclose(sums[key], expected_sums[key], rtol=1e-5)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads), strict=True
+  ):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_optimizer_state_is_sharded_like_its_parameters(mesh_4x2):
+  config = tiny_config(embed_dim=256, mlp_dim=512, num_heads=8)  # Big enough to factor.
+  trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()))
+  rules = partitioning.RULE_SETS["model_parallel"]
+  state, _shardings = partitioning.init_sharded(lambda: trainer.init(0), mesh_4x2, rules)
+  momentum = [
+    x for x in jax.tree_util.tree_leaves(state.opt_state) if x.dtype == jnp.int8 and x.ndim == 4
+  ]
+  assert momentum, "int8 momentum of the stacked layers"
+  assert any(not x.sharding.is_fully_replicated for x in momentum)
+
+
+# --- Model FLOPs ------------------------------------------------------------------------------
+
+
+def test_model_flops_agree_with_xla_cost_analysis():
+  # Unscanned: XLA's cost analysis counts a scanned body once, not once per layer.
+  config = tiny_config(
+    embed_dim=128, mlp_dim=512, num_heads=4, text_length=16, image_grid=(8, 8), scan_layers=False
+  )
+  batch = example_batch(config, 4)
+  params = init_params(config)
+  model = Parti(config)
+  compiled = (
+    jax.jit(lambda p, t, d: model.apply({"params": p}, t, d))
+    .lower(params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    .compile()
+  )
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  expected = 4 * flops.parti_forward_flops(config)
+  assert 0.9 < analysis["flops"] / expected < 1.25, analysis["flops"] / expected
