@@ -4,7 +4,8 @@ A checkpoint is a set of named items (pytrees of possibly sharded arrays) plus a
 small JSON `meta`, under MODEL_DIR/checkpoints/STEP. Orbax writes each step to a
 temporary folder and commits it at the end, so a killed save never looks like
 a checkpoint. A committed step that still fails to restore (a truncated file, a
-disk error) is reported and the previous step is used instead.
+disk error) is reported, moved to checkpoints_unusable/, and the previous step is
+used instead.
 
 The input pipeline's per-host iterator state is saved beside each step, in
 MODEL_DIR/checkpoints/input_state/STEP/, so a resumed job sees the next unseen batch.
@@ -22,15 +23,34 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 INPUT_STATE = "input_state"
+
+# Replica-parallel saving splits each replicated array among its replicas with an
+# eager slice per distinct shape, that is one XLA compilation per parameter shape.
+# That pays off for large arrays on many hosts; for small ones the compilations cost
+# far more than the writes (most of a tiny CPU run's checkpoint time), so only arrays
+# whose per-replica slice is at least this big are split.
+_MIN_REPLICA_SLICE_BYTES = 4 << 20
+ocp.type_handlers.register_type_handler(
+  jax.Array,
+  ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
+  override=True,
+)
 
 
 class Checkpointer:
   """Saves and restores named items every `save_every` steps, keeping the last `keep`."""
 
-  def __init__(self, model_dir: str | pathlib.Path, keep: int = 3, save_every: int = 1000):
-    self.directory = pathlib.Path(model_dir).absolute() / "checkpoints"
+  def __init__(
+    self,
+    model_dir: str | pathlib.Path,
+    keep: int = 3,
+    save_every: int = 1000,
+    subdir: str = "checkpoints",
+  ):
+    self.directory = pathlib.Path(model_dir).absolute() / subdir
     self.save_every = save_every
     self._manager = ocp.CheckpointManager(
       self.directory,
@@ -52,7 +72,14 @@ class Checkpointer:
     meta: Mapping[str, Any] | None = None,
     input_iterator=None,
   ) -> None:
-    """Starts saving `items` at `step` (asynchronously; `wait` blocks until written)."""
+    """Starts saving `items` at `step` (asynchronously; `wait` blocks until written).
+
+    A step that already exists belongs to a timeline this run abandoned (it resumed
+    from an earlier step): it is replaced.
+    """
+    if step in self._manager.all_steps():
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args["meta"] = ocp.args.JsonSave(dict(meta or {}, step=step))
     self._manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -71,6 +98,7 @@ class Checkpointer:
       (step, items, meta), or None when there is no usable checkpoint.
     """
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    unusable: list[int] = []
     for candidate in candidates:
       try:
         args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
@@ -85,11 +113,29 @@ class Checkpointer:
           "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
           candidate, self.directory, type(error).__name__, error,
         )  # fmt: skip
+        unusable.append(candidate)
         continue
+      self._set_aside(unusable)
       items = {name: restored[name] for name in abstract_items}
       logging.info("Restored checkpoint %d from %s.", candidate, self.directory)
       return candidate, items, dict(restored["meta"])
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unrestorable steps to `<directory>_unusable/` (kept for inspection, not
+    deleted), so that training can write those steps again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.with_name(self.directory.name + "_unusable")
+      aside.mkdir(exist_ok=True)
+      for unusable in steps:
+        target = aside / str(unusable)
+        shutil.rmtree(target, ignore_errors=True)
+        (self.directory / str(unusable)).rename(target)
+        logging.warning("Moved unrestorable checkpoint %d to %s.", unusable, target)
+    multihost_utils.sync_global_devices("checkpoints_set_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

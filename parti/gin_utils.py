@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import gin
 from absl import app, flags, logging
 
-from parti import files, optim, partitioning
+from parti import files, multihost, optim, partitioning
 from parti.errors import ConfigError
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -156,6 +156,7 @@ def run(job: Callable[[], object]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
     try:
+      multihost.initialize_from_flags()
       parse(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
       logging.info("Gin config:\n%s", gin.config_str())
       job()

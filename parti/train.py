@@ -1,0 +1,403 @@
+"""Trains the Parti transformer (t5x-style job).
+
+    python -m parti.train --gin_file=gin/runs/pretrain_tiny_shapes.gin --gin.MODEL_DIR=runs/parti
+
+MODEL_DIR receives parti_config.json, checkpoints/ (the last `keep_checkpoints`),
+best/ (the lowest eval loss so far), metrics.jsonl and TensorBoard summaries, and
+the operative config.gin. A rerun resumes from the latest checkpoint that
+restores (model, optimizer, step, RNG and input position); SIGTERM saves one
+and exits; a NaN or Inf loss stops the job and leaves the last good checkpoint.
+
+Data: a seqio task or mixture (`MIXTURE_OR_TASK_NAME`) yielding `inputs` (text)
+and either `targets` (pre-encoded image ids, see `parti.tokenizer.encode`) or
+`image` (raw images, tokenized in the step by the frozen tokenizer in
+`tokenizer_dir`). Multi-host: pass --coordinator_address, --num_processes and
+--process_id (or --multihost on TPU pods and SLURM); each host feeds its shard.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from parti import checkpoints, flops, gin_utils, metric_logging, optim, partitioning
+from parti.config import PartiConfig
+from parti.errors import ConfigError
+from parti.trainer import PartiTrainer, TrainState, summarize
+
+CONFIG_FILE = "parti_config.json"
+BEST_DIR = "best"
+
+
+def _task_kind(name: str) -> bool:
+  """True if the task yields raw images (tokenized in the step), False for image ids."""
+  import seqio
+
+  try:
+    provider = seqio.get_mixture_or_task(name)
+  except ValueError as error:
+    raise ConfigError(f"Unknown seqio task or mixture {name!r}: {error}") from error
+  features = provider.output_features
+  if "inputs" not in features:
+    raise ConfigError(f"Task {name!r} has no 'inputs' (text) feature.")
+  if "targets" in features:
+    return False
+  if "image" in features:
+    return True
+  raise ConfigError(f"Task {name!r} has neither 'targets' (image ids) nor 'image' features.")
+
+
+def _load_tokenizer(tokenizer_dir: str, config: PartiConfig):
+  """The frozen tokenizer's (encode function, parameters)."""
+  from parti.tokenizer import checkpoint_io
+  from parti.tokenizer import model as tokenizer_model
+
+  tok_config, params, step = checkpoint_io.load_params(tokenizer_dir)
+  if tok_config.codebook_size != config.image_vocab_size:
+    raise ConfigError(
+      f"The tokenizer in {tokenizer_dir} has {tok_config.codebook_size} codes; the model's "
+      f"image_vocab_size is {config.image_vocab_size}."
+    )
+  if tuple(tok_config.grid) != tuple(config.image_grid):
+    raise ConfigError(
+      f"The tokenizer in {tokenizer_dir} makes a {tok_config.grid} grid; the model's "
+      f"image_grid is {config.image_grid}."
+    )
+  logging.info("Tokenizing images in the step with %s (step %d).", tokenizer_dir, step)
+  vqgan = tokenizer_model.VitVQGAN(tok_config)
+
+  def encode(p, images):
+    return vqgan.apply({"params": p}, images, method=tokenizer_model.VitVQGAN.encode)
+
+  return encode, params, tok_config.image_size
+
+
+def train(
+  *,
+  model_dir: str,
+  model: PartiConfig,
+  mixture_or_task_name: str,
+  task_feature_lengths: Mapping[str, int],
+  batch_size: int,
+  num_steps: int,
+  optimizer: optim.AdafactorConfig = optim.AdafactorConfig(),
+  mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+  microbatches: int = 1,
+  label_smoothing: float = 0.0,
+  z_loss: float = 1e-4,
+  tokenizer_dir: str | None = None,
+  pre_encoded_dir: str | None = None,
+  init_from: str | None = None,
+  train_split: str = "train",
+  eval_split: str | None = "validation",
+  eval_every: int = 1000,
+  eval_batches: int = 8,
+  log_every: int = 50,
+  checkpoint_every: int = 1000,
+  keep_checkpoints: int = 3,
+  peak_flops: float | None = None,
+  tfds_data_dir: str | None = None,
+  seed: int = 0,
+) -> dict[str, float]:
+  """Trains Parti; returns the last evaluation (or the last training metrics).
+
+  Args:
+    model_dir: where checkpoints, metrics and configs go.
+    model: the architecture.
+    mixture_or_task_name: a registered seqio task or mixture (see parti.tasks.registry).
+    task_feature_lengths: {"inputs": text tokens, "targets": image tokens} for
+      pre-encoded tasks, {"inputs": ..., "image": side} for raw-image tasks.
+    batch_size: global batch size (split over hosts and the mesh's data axes).
+    num_steps: the step at which training stops.
+    optimizer: Parti's Adafactor and learning-rate schedule.
+    mesh: device mesh and logical-axis rules.
+    microbatches: gradient accumulation: each step runs this many microbatches.
+    label_smoothing: label smoothing of the cross-entropy.
+    z_loss: weight of the log(Z)^2 auxiliary loss.
+    tokenizer_dir: a trained tokenizer's MODEL_DIR, required for raw-image tasks.
+    pre_encoded_dir: a `parti.tokenizer.encode` output folder; registers
+      `mixture_or_task_name` over it.
+    init_from: another run's MODEL_DIR whose latest parameters start this run
+      (fine-tuning); ignored when this run has checkpoints of its own.
+    train_split: the split to train on.
+    eval_split: the split for periodic eval loss (None: no eval).
+    eval_every: steps between evaluations.
+    eval_batches: batches per evaluation.
+    log_every: steps between metric lines.
+    checkpoint_every: steps between checkpoints.
+    keep_checkpoints: how many recent checkpoints to keep (the best is kept apart).
+    peak_flops: per-device peak FLOP/s for MFU; None measures float32 matmuls here.
+    tfds_data_dir: where TFDS datasets are prepared.
+    seed: seed of initialization, dropout and data order.
+  """
+  import seqio
+
+  from parti.tasks import feature_converters, input_pipeline, registry
+
+  started = time.perf_counter()
+  model_dir = pathlib.Path(model_dir)
+  if tfds_data_dir:
+    seqio.set_tfds_data_dir_override(tfds_data_dir)
+  if num_steps < 1 or log_every < 1 or checkpoint_every < 1 or eval_every < 1:
+    raise ConfigError("num_steps, log_every, checkpoint_every and eval_every must be positive.")
+  device_mesh = partitioning.create_mesh(mesh)
+  rules = partitioning.rules_for(mesh)
+  partitioning.check_batch_size(batch_size, device_mesh)
+  if batch_size % microbatches or (batch_size // microbatches) % partitioning.batch_divisor(
+    device_mesh
+  ):
+    raise ConfigError(
+      f"Batch {batch_size} in {microbatches} microbatches does not split over the "
+      f"{partitioning.batch_divisor(device_mesh)}-way data axes."
+    )
+
+  if pre_encoded_dir:
+    registry.register_pre_encoded_task(mixture_or_task_name, pre_encoded_dir)
+  raw_images = _task_kind(mixture_or_task_name)
+  expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
+  if set(task_feature_lengths) != expected:
+    raise ConfigError(
+      f"task_feature_lengths for {mixture_or_task_name!r} must have keys {sorted(expected)}, "
+      f"got {sorted(task_feature_lengths)}."
+    )
+  if task_feature_lengths["inputs"] > model.text_length and model.text_positions == "learned":
+    raise ConfigError(
+      f"inputs length {task_feature_lengths['inputs']} exceeds the model's learned "
+      f"text_length {model.text_length}."
+    )
+  if not raw_images and task_feature_lengths["targets"] != model.image_length:
+    raise ConfigError(
+      f"targets length {task_feature_lengths['targets']} differs from the model's "
+      f"{model.image_length} image tokens (image_grid {model.image_grid})."
+    )
+  _check_vocabulary(mixture_or_task_name, model)
+
+  image_encoder = tokenizer_params = None
+  if raw_images:
+    if not tokenizer_dir:
+      raise ConfigError(
+        f"Task {mixture_or_task_name!r} yields raw images: set train.tokenizer_dir to a "
+        "trained tokenizer, or pre-encode the task with parti.tokenizer.encode."
+      )
+    image_encoder, tokenizer_params, image_size = _load_tokenizer(tokenizer_dir, model)
+    if task_feature_lengths["image"] != image_size:
+      raise ConfigError(
+        f"The tokenizer reads {image_size}px images; task_feature_lengths['image'] is "
+        f"{task_feature_lengths['image']}."
+      )
+    converter = feature_converters.ImageTextFeatureConverter()
+  else:
+    converter = feature_converters.ImageTokensFeatureConverter(bos_id=model.bos_id)
+
+  optimizer_fn = optim.adafactor(optimizer)
+  schedule = optim.warmup_exponential(optimizer)
+  trainer = PartiTrainer(
+    model,
+    optimizer_fn,
+    microbatches=microbatches,
+    label_smoothing=label_smoothing,
+    z_loss=z_loss,
+    image_encoder=image_encoder,
+  )
+  state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
+  replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
+  if tokenizer_params is not None:
+    tokenizer_params = jax.device_put(tokenizer_params, replicated)
+
+  def dataset(split: str, epochs: int | None):
+    return input_pipeline.get_dataset(
+      mixture_or_task_name,
+      split=split,
+      task_feature_lengths=task_feature_lengths,
+      feature_converter=converter,
+      global_batch_size=batch_size,
+      shuffle=epochs is None,
+      seed=seed,
+      num_epochs=epochs,
+    )
+
+  train_iterator = input_pipeline.ResumableIterator(dataset(train_split, None))
+  checkpointer = checkpoints.Checkpointer(
+    model_dir, keep=keep_checkpoints, save_every=checkpoint_every
+  )
+  best = checkpoints.Checkpointer(model_dir, keep=1, save_every=1, subdir=BEST_DIR)
+  abstract = partitioning.abstract_with_shardings(state, state_shardings)
+  restored = checkpointer.restore(
+    {"params": abstract.params, "train": abstract.replace(params=None)},
+    input_iterator=train_iterator,
+  )
+  best_loss = float("inf")
+  if restored:
+    start, items, meta = restored
+    state = items["train"].replace(params=items["params"])
+    best_loss = float(meta.get("best_eval_loss", best_loss))
+    logging.info("Resuming from step %d.", start)
+  else:
+    start = 0
+    if init_from:
+      state = state.replace(params=_initial_params(init_from, abstract.params))
+    if jax.process_index() == 0:
+      model_dir.mkdir(parents=True, exist_ok=True)
+      model.save(model_dir / CONFIG_FILE)
+  gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
+
+  feature_axes = {
+    "encoder_input_tokens": ("batch", None),
+    "decoder_input_tokens": ("batch", None),
+    "decoder_target_tokens": ("batch", None),
+    "decoder_loss_weights": ("batch", None),
+    "images": ("batch", None, None, None),
+  }
+  batch_shardings = {
+    name: partitioning.logical_sharding(device_mesh, axes, rules)
+    for name, axes in feature_axes.items()
+  }
+
+  def to_global(batch) -> dict[str, jax.Array]:
+    return {
+      name: jax.make_array_from_process_local_data(batch_shardings[name], np.asarray(value))
+      for name, value in batch.items()
+      if name in batch_shardings
+    }
+
+  def step_fn(state: TrainState, batch, tok_params):
+    return trainer.train_step(state, batch, tok_params)
+
+  train_step = jax.jit(step_fn, out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(trainer.eval_sums, out_shardings=replicated)
+
+  def evaluate(step: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
+      if len(batch["encoder_input_tokens"]) * jax.process_count() != batch_size:
+        continue  # A last, partial batch would need another compilation.
+      with partitioning.activate(device_mesh, rules):
+        sums = jax.device_get(eval_step(state.params, to_global(batch), tokenizer_params))
+      for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    if not totals:
+      raise ConfigError(f"The {eval_split!r} split has fewer than {batch_size} examples.")
+    means = summarize({k: jnp.asarray(v) for k, v in totals.items()})
+    result = {f"eval/{k}": float(v) for k, v in means.items() if k != "tokens"}
+    result["eval/perplexity"] = float(np.exp(result["eval/nll"]))
+    writer.scalars(step, result)
+    logging.info("Evaluation at step %d: %s", step, result)
+    return result
+
+  peak = peak_flops or _measured_peak()
+  step_flops = flops.parti_train_flops(model, batch_size, task_feature_lengths["inputs"])
+  tokens_per_step = batch_size * model.image_length
+  writer = metric_logging.MetricLogger(model_dir)
+  progress = metric_logging.Progress(num_steps, start, unit="images", every=log_every)
+  preemption = checkpoints.Preemption()
+  result: dict[str, float] = {}
+  step = start
+  timer = None  # Starts after the first step, so compilation is not counted.
+  timed_steps = 0
+  logging.info(
+    "Set-up took %.1fs; training from step %d to %d.",
+    time.perf_counter() - started,
+    step,
+    num_steps,
+  )
+  try:
+    with preemption.watching():
+      while step < num_steps:
+        batch = to_global(next(train_iterator))
+        with partitioning.activate(device_mesh, rules):
+          state, metrics = train_step(state, batch, tokenizer_params)
+        step += 1
+        if timer is None:
+          jax.block_until_ready(metrics)
+          timer = time.perf_counter()
+        else:
+          timed_steps += 1
+        if step % log_every == 0 or step == num_steps:
+          scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+          if not np.isfinite(scalars["train/loss"]):
+            raise FloatingPointError(
+              f"Loss is {scalars['train/loss']} at step {step}; stopping. The last good "
+              f"checkpoint is in {checkpointer.directory} (steps {checkpointer.steps()})."
+            )
+          scalars["train/learning_rate"] = float(schedule(step - 1))
+          if timed_steps:
+            seconds = time.perf_counter() - timer
+            rate = timed_steps / seconds
+            scalars["perf/tokens_per_second"] = rate * tokens_per_step
+            scalars["perf/mfu"] = rate * step_flops / (peak * jax.device_count())
+            timer, timed_steps = time.perf_counter(), 0
+          writer.scalars(step, scalars)
+          progress.update(step, log_every * batch_size)
+          result = scalars
+        paused = False  # Eval and checkpoints are not training time.
+        if eval_split and (step % eval_every == 0 or step == num_steps):
+          paused = True
+          result = evaluate(step)
+          if result["eval/loss"] < best_loss:
+            best_loss = result["eval/loss"]
+            best.save(step, {"params": state.params}, meta={"eval_loss": best_loss})
+        if checkpointer.should_save(step) or step == num_steps or preemption.requested:
+          paused = True
+          checkpointer.save(
+            step,
+            {"params": state.params, "train": state.replace(params=None)},
+            meta={"best_eval_loss": best_loss},
+            input_iterator=train_iterator,
+          )
+        if preemption.requested:
+          logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
+          break
+        if paused and timer is not None:
+          jax.block_until_ready(state.step)
+          timer, timed_steps = time.perf_counter(), 0
+  finally:
+    checkpointer.close()
+    best.close()
+    writer.flush()
+  return result
+
+
+def _initial_params(init_from: str, abstract_params):
+  """The latest parameters of the run in `init_from`, laid out like ours."""
+  if not (pathlib.Path(init_from) / "checkpoints").is_dir():
+    raise ConfigError(f"init_from {init_from!r} has no checkpoints/ folder to start from.")
+  source = checkpoints.Checkpointer(init_from)
+  restored = source.restore({"params": abstract_params})
+  source.close()
+  if restored is None:
+    raise ConfigError(f"init_from {init_from!r} has no checkpoint to start from.")
+  step, items, _ = restored
+  logging.info("Initialized the parameters from %s (step %d).", init_from, step)
+  return items["params"]
+
+
+def _check_vocabulary(name: str, model: PartiConfig) -> None:
+  import seqio
+
+  vocabulary = seqio.get_mixture_or_task(name).output_features["inputs"].vocabulary
+  if vocabulary.vocab_size > model.text_vocab_size:
+    raise ConfigError(
+      f"Task {name!r}'s text vocabulary has {vocabulary.vocab_size} pieces; the model's "
+      f"text_vocab_size is {model.text_vocab_size}."
+    )
+
+
+def _measured_peak() -> float:
+  peak = flops.measure_matmul_peak(size=1024, trials=3)
+  logging.info("Measured matmul peak: %.1f GFLOP/s per device.", peak.flops_per_second / 1e9)
+  return peak.flops_per_second
+
+
+configured_train = gin.external_configurable(train)
+gin.external_configurable(PartiConfig, module="parti")
+gin.external_configurable(optim.AdafactorConfig, module="optim")
+
+if __name__ == "__main__":
+  gin_utils.run(configured_train)

@@ -1,0 +1,215 @@
+"""The Parti training job: outputs, exact resume, preemption, NaN, bad configs, raw images."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+
+import gin
+import numpy as np
+import pytest
+
+from parti import gin_utils, metric_logging, optim, partitioning
+from parti.config import PartiConfig
+from parti.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+COLORS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle", "star"]
+TASK = "test_parti_tokens"
+
+
+def tiny_model(**overrides) -> PartiConfig:
+  fields = dict(
+    text_vocab_size=128, text_length=16, image_vocab_size=64, image_grid=(4, 4), embed_dim=32,
+    mlp_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
+  )  # fmt: skip
+  return PartiConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory) -> str:
+  """A pre-encoded folder whose image tokens are a function of the caption."""
+  from parti.tasks import token_records
+
+  folder = tmp_path_factory.mktemp("tokens")
+  token_records.write_provenance(
+    folder, token_records.Provenance("synthetic", 64, (4, 4), 32, "test")
+  )
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 64), ("validation", 16)):
+    records = []
+    for i in range(count):
+      color, shape = rng.integers(0, 4, 2)
+      tokens = (16 * color + 4 * shape + np.arange(16)) % 64
+      records.append(
+        token_records.serialize(f"{split}{i}", f"a {COLORS[color]} {SHAPES[shape]}", tokens)
+      )
+    token_records.write_shard(folder / token_records.shard_name(split, 0, 0), records)
+  return str(folder)
+
+
+def run(model_dir, tokens_dir, **overrides):
+  from parti import train
+
+  args = dict(
+    model_dir=str(model_dir),
+    model=tiny_model(),
+    mixture_or_task_name=TASK,
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    batch_size=8,
+    num_steps=8,
+    optimizer=optim.AdafactorConfig(
+      learning_rate=1e-2, warmup_steps=1, decay_start=4, decay_end=8, final_ratio=0.5
+    ),
+    mesh=partitioning.MeshConfig(data=4, model=2, rules="model_parallel"),
+    pre_encoded_dir=tokens_dir,
+    eval_every=4,
+    eval_batches=2,
+    log_every=1,
+    checkpoint_every=4,
+    peak_flops=1e11,
+  )
+  args.update(overrides)
+  return train.train(**args)
+
+
+def losses(model_dir) -> dict[int, float]:
+  return {
+    step: row["train/loss"]
+    for step, row in metric_logging.read_metrics(model_dir).items()
+    if "train/loss" in row
+  }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokens_dir) -> pathlib.Path:
+  model_dir = tmp_path_factory.mktemp("uninterrupted")
+  run(model_dir, tokens_dir)
+  return model_dir
+
+
+def test_training_writes_metrics_checkpoints_and_configs(uninterrupted):
+  rows = metric_logging.read_metrics(uninterrupted)
+  for key in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm"):
+    assert key in rows[8], key
+  assert rows[8]["perf/tokens_per_second"] > 0 and 0 < rows[8]["perf/mfu"] < 1
+  assert rows[8]["eval/loss"] < rows[4]["eval/loss"]  # It learns the caption -> tokens map.
+  assert rows[8]["train/loss"] < rows[1]["train/loss"]
+  assert (uninterrupted / "parti_config.json").exists()
+  assert PartiConfig.load(uninterrupted / "parti_config.json") == tiny_model()
+  assert (uninterrupted / gin_utils.OPERATIVE_CONFIG).exists()
+  assert sorted(
+    int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
+  ) == [4, 8]
+  assert [p.name for p in (uninterrupted / "best").iterdir() if p.name.isdigit()] == ["8"]
+
+
+def test_preempted_and_resumed_run_matches_the_uninterrupted_one(
+  tmp_path, tokens_dir, uninterrupted, monkeypatch
+):
+  from parti.tasks import input_pipeline
+
+  original_next = input_pipeline.ResumableIterator.__next__
+  served = {"batches": 0}
+
+  def next_then_preempt(self):
+    served["batches"] += 1
+    if served["batches"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # A preemption notice during step 3.
+    return original_next(self)
+
+  monkeypatch.setattr(input_pipeline.ResumableIterator, "__next__", next_then_preempt)
+  run(tmp_path, tokens_dir)
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [3], "SIGTERM saves the step it interrupted, then exits"
+  monkeypatch.setattr(input_pipeline.ResumableIterator, "__next__", original_next)
+
+  run(tmp_path, tokens_dir)
+  expected, resumed = losses(uninterrupted), losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 9))
+  for step in range(1, 9):
+    assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_nan_keeps_the_last_good(
+  tmp_path, tokens_dir, uninterrupted, caplog
+):
+  import shutil
+
+  shutil.copytree(uninterrupted, tmp_path / "run")
+  model_dir = tmp_path / "run"
+  for path in (model_dir / "checkpoints" / "8").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0 and "params" in str(path):
+      path.write_bytes(b"corrupt")
+  run(model_dir, tokens_dir, num_steps=8)
+  assert "cannot be restored" in caplog.text
+  assert losses(model_dir)[8] == pytest.approx(losses(uninterrupted)[8], rel=1e-6)
+
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    run(model_dir, tokens_dir, num_steps=10, z_loss=float("nan"))
+  saved = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert max(saved) == 8
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    ({"mesh": partitioning.MeshConfig(data=3)}, "devices"),
+    ({"batch_size": 6}, "does not divide"),
+    ({"microbatches": 3}, "microbatches"),
+    ({"task_feature_lengths": {"inputs": 16, "image": 32}}, "must have keys"),
+    ({"task_feature_lengths": {"inputs": 16, "targets": 9}}, "differs from the model"),
+    ({"mixture_or_task_name": "no_such_task", "pre_encoded_dir": None}, "Unknown seqio task"),
+    ({"model": tiny_model(text_vocab_size=50)}, "text vocabulary"),
+    ({"init_from": "/nonexistent/run"}, "init_from"),
+  ],
+  ids=[
+    "mesh", "batch", "microbatches", "feature_keys", "targets_length", "task",
+    "text_vocab", "init_from",
+  ],
+)  # fmt: skip
+def test_bad_configs_fail_at_start_up(tmp_path, tokens_dir, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    run(tmp_path, tokens_dir, num_steps=1, **overrides)
+
+
+def test_unknown_gin_binding_is_a_clear_error():
+  import parti.train  # noqa: F401
+
+  gin.clear_config()
+  try:
+    with pytest.raises(gin_utils.GinConfigError, match="no_such_argument"):
+      gin_utils.parse(["gin/runs/pretrain_tiny_shapes.gin"], ["train.no_such_argument = 1"])
+  finally:
+    gin.clear_config()
+
+
+def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shapes_task_name):
+  model = tiny_model(text_length=32)
+  result = run(
+    tmp_path,
+    None,
+    model=model,
+    mixture_or_task_name=shapes_task_name,
+    task_feature_lengths={"inputs": 32, "image": 32},
+    tokenizer_dir=str(trained_tokenizer),
+    pre_encoded_dir=None,
+    num_steps=2,
+    eval_split=None,
+    mesh=partitioning.MeshConfig(data=8),
+  )
+  assert np.isfinite(result["train/loss"])
+  with pytest.raises(ConfigError, match="tokenizer_dir"):
+    run(
+      tmp_path / "no_tokenizer", None, model=model, mixture_or_task_name=shapes_task_name,
+      task_feature_lengths={"inputs": 32, "image": 32}, pre_encoded_dir=None, num_steps=1,
+    )  # fmt: skip
+  with pytest.raises(ConfigError, match="codes"):
+    run(
+      tmp_path / "mismatch", None, model=tiny_model(text_length=32, image_vocab_size=128),
+      mixture_or_task_name=shapes_task_name, task_feature_lengths={"inputs": 32, "image": 32},
+      tokenizer_dir=str(trained_tokenizer), pre_encoded_dir=None, num_steps=1,
+    )  # fmt: skip
