@@ -1,0 +1,193 @@
+"""Parti behind t5x's `BaseModel` interface, without depending on t5x.
+
+A user with t5x installed from source binds it in a t5x gin file:
+
+    from __gin__ import dynamic_registration
+    from parti import t5x_model
+    from parti import config as parti_config
+
+    MODEL = @t5x_model.PartiT5xModel()
+    t5x_model.PartiT5xModel.config = @parti_config.PartiConfig()
+
+The method signatures are those of `t5x.models.BaseModel` (loss_fn, eval_fn,
+score_batch, predict_batch, predict_batch_with_aux, get_initial_variables); the
+batch features are seqio.EncDecFeatureConverter's names; and the initial
+variables carry a `params_axes` collection (flax's `AxisMetadata`, `<name>_axes`
+leaves), which is where t5x's partitioner reads logical axis names. The
+optimizer stays t5x's: this class only defines the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import clu.metrics
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import partitioning as flax_partitioning
+
+from parti import decoding, losses
+from parti.config import PartiConfig
+from parti.model import Parti
+
+Batch = Mapping[str, jax.Array]
+
+
+def params_axes(boxed_params) -> dict[str, Any]:
+  """t5x's `params_axes` collection: for each parameter `p`, `p_axes` = AxisMetadata(names)."""
+
+  def convert(tree):
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, nn.LogicallyPartitioned):
+        out[f"{key}_axes"] = flax_partitioning.AxisMetadata(names=tuple(value.names))
+      elif isinstance(value, Mapping):
+        out[key] = convert(value)
+    return out
+
+  return convert(flax.core.unfreeze(boxed_params))
+
+
+class PartiT5xModel:
+  """The t5x `BaseModel` methods over `parti.model.Parti`.
+
+  Attributes:
+    config: the architecture.
+    label_smoothing: as t5x's `loss_fn`.
+    z_loss: weight of log(Z)^2.
+    decode_options: defaults for `predict_batch_with_aux` (temperature, top_k,
+      top_p, guidance_scale); `decoder_params` overrides them per call, as in t5x.
+  """
+
+  def __init__(
+    self,
+    config: PartiConfig,
+    label_smoothing: float = 0.0,
+    z_loss: float = 1e-4,
+    decode_options: Mapping[str, Any] | None = None,
+  ):
+    self.config = config
+    self.module = Parti(config)
+    self.label_smoothing = label_smoothing
+    self.z_loss = z_loss
+    self.decode_options = dict(decode_options or {})
+
+  @property
+  def FEATURE_CONVERTER_CLS(self):
+    """The seqio feature converter t5x builds the model features with (imports TF)."""
+    from parti.tasks.feature_converters import ImageTokensFeatureConverter
+
+    return functools.partial(ImageTokensFeatureConverter, bos_id=self.config.bos_id)
+
+  # --- Initialization ------------------------------------------------------------------------
+
+  def get_initial_variables(
+    self,
+    rng: jax.Array,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    input_types: Mapping[str, jnp.dtype] | None = None,
+  ) -> dict[str, Any]:
+    """{"params": plain arrays, "params_axes": their logical axis names}."""
+    input_types = input_types or {}
+    text = jnp.ones(
+      input_shapes["encoder_input_tokens"], input_types.get("encoder_input_tokens", jnp.int32)
+    )
+    image = jnp.zeros(
+      input_shapes["decoder_input_tokens"], input_types.get("decoder_input_tokens", jnp.int32)
+    )
+    boxed = self.module.init(rng, text, image)["params"]
+    return {"params": nn.meta.unbox(boxed), "params_axes": params_axes(boxed)}
+
+  # --- Training and evaluation ---------------------------------------------------------------
+
+  def _sums(self, params, batch: Batch, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+    logits = self.module.apply(
+      {"params": params},
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      enable_dropout=dropout_rng is not None,
+      rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
+    )
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = jnp.ones_like(batch["decoder_target_tokens"])
+    return losses.cross_entropy(
+      logits, batch["decoder_target_tokens"], weights, self.label_smoothing, self.z_loss
+    )
+
+  def loss_fn(
+    self, params, batch: Batch, dropout_rng: jax.Array | None
+  ) -> tuple[jax.Array, dict[str, clu.metrics.Metric]]:
+    """(loss summed over weighted tokens, metrics): t5x's EncoderDecoderModel with
+    loss_normalizing_factor=None."""
+    sums = self._sums(params, batch, dropout_rng)
+    weight = sums["weight_sum"]
+    metrics = {
+      "loss": clu.metrics.Average.from_model_output(sums["loss"] / jnp.maximum(weight, 1.0)),
+      "accuracy": clu.metrics.Average.from_model_output(sums["correct"] / jnp.maximum(weight, 1.0)),
+      "z_loss": clu.metrics.Average.from_model_output(sums["z_loss"] / jnp.maximum(weight, 1.0)),
+    }
+    return sums["loss"], metrics
+
+  def eval_fn(self, params, batch: Batch) -> tuple[jax.Array, dict[str, clu.metrics.Metric]]:
+    return self.loss_fn(params, batch, dropout_rng=None)
+
+  def score_batch(
+    self, params, batch: Batch, return_intermediates: bool = False
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Each example's log-likelihood of its image tokens given its text, [B]."""
+    logits = self.module.apply(
+      {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    )
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    targets = batch["decoder_target_tokens"]
+    token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = batch.get("decoder_loss_weights")
+    if weights is not None:
+      token_scores = token_scores * weights
+    scores = jnp.sum(token_scores, axis=-1)
+    if return_intermediates:
+      return scores, {"token_scores": token_scores}
+    return scores
+
+  # --- Inference -----------------------------------------------------------------------------
+
+  def predict_batch(self, params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+    return self.predict_batch_with_aux(params, batch, rng)[0]
+
+  def predict_batch_with_aux(
+    self,
+    params,
+    batch: Batch,
+    rng: jax.Array | None = None,
+    decoder_params: Mapping[str, Any] | None = None,
+    return_all_decodes: bool = False,
+    num_decodes: int = 1,
+    prompt_with_targets: bool = False,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Samples image tokens for each text: ([B, N] or [B, num_decodes, N], {"scores"}).
+
+    `decoder_params` may set temperature, top_k, top_p and guidance_scale. Without
+    `return_all_decodes`, the decode with the highest model log-likelihood is kept.
+    """
+    if prompt_with_targets:
+      raise NotImplementedError(
+        "Parti decodes whole images; prompting with targets is not supported."
+      )
+    options = {"temperature": 1.0, **self.decode_options, **(decoder_params or {})}
+    rng = jax.random.key(0) if rng is None else rng
+    text = batch["encoder_input_tokens"]
+    batch_size = text.shape[0]
+    repeated = jnp.repeat(text, num_decodes, axis=0)
+    tokens, log_probs = decoding.sample(self.config, params, repeated, rng, **options)
+    tokens = tokens.reshape(batch_size, num_decodes, -1)
+    scores = jnp.sum(log_probs, axis=-1).reshape(batch_size, num_decodes)
+    if return_all_decodes:
+      return tokens, {"scores": scores}
+    best = jnp.argmax(scores, axis=1)
+    pick = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
+    return pick, {"scores": jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]}

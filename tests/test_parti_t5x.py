@@ -1,0 +1,142 @@
+"""The t5x-style model API and the KV-cached sampler behind predict_batch_with_aux."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from test_parti_model import example_batch, forward, tiny_config
+
+from parti import decoding, optim
+from parti.model import Parti
+from parti.t5x_model import PartiT5xModel
+from parti.trainer import PartiTrainer
+
+CONFIG = tiny_config(image_grid=(2, 3), cfg_dropout_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = PartiT5xModel(CONFIG)
+  batch = example_batch(CONFIG, 4)
+  shapes = {k: v.shape for k, v in batch.items()}
+  variables = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))(jax.random.key(0))
+  return model, variables, batch
+
+
+def test_initial_variables_carry_t5x_params_axes(model_and_params):
+  _, variables, _ = model_and_params
+  params, axes = variables["params"], variables["params_axes"]
+  count = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = [p.key for p in path]
+    node = axes
+    for key in keys[:-1]:
+      node = node[key]
+    names = node[f"{keys[-1]}_axes"].names
+    assert len(names) == leaf.ndim, keys
+    count += 1
+  assert count > 10
+  assert variables["params_axes"]["decoder"]["layers"]["mlp"]["wi"]["kernel_axes"].names == (
+    "layers", "embed", "mlp",
+  )  # fmt: skip
+
+
+def test_loss_and_scores_agree_with_the_trainer(model_and_params):
+  model, variables, batch = model_and_params
+  params = variables["params"]
+  loss, metrics = jax.jit(lambda p, b: model.loss_fn(p, b, None))(params, batch)
+  trainer = PartiTrainer(CONFIG, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
+  sums = trainer.eval_sums(params, batch)
+  np.testing.assert_allclose(loss, sums["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"].compute(), sums["correct"] / 24, rtol=1e-5)
+  scores = jax.jit(model.score_batch)(params, batch)
+  assert scores.shape == (4,)
+  np.testing.assert_allclose(-jnp.sum(scores), sums["nll"], rtol=1e-5)
+  grads = jax.grad(lambda p: model.loss_fn(p, batch, jax.random.key(1))[0])(params)
+  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_greedy_decoding_is_the_argmax_of_the_full_forward(model_and_params):
+  _, variables, batch = model_and_params
+  params = variables["params"]
+  text = batch["encoder_input_tokens"]
+  tokens, log_probs = jax.jit(
+    lambda p, t: decoding.sample(CONFIG, p, t, jax.random.key(0), temperature=0.0)
+  )(params, text)
+  assert tokens.shape == (4, CONFIG.image_length) and tokens.dtype == jnp.int32
+  decoder_input = jnp.concatenate([jnp.full((4, 1), CONFIG.bos_id), tokens[:, :-1]], axis=1)
+  logits = forward(CONFIG, params, text, decoder_input)
+  np.testing.assert_array_equal(jnp.argmax(logits, -1), tokens)
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+
+
+def test_guided_greedy_decoding_combines_conditional_and_null_logits(model_and_params):
+  _, variables, batch = model_and_params
+  params = variables["params"]
+  text = batch["encoder_input_tokens"][:2]
+  scale = 3.0
+  tokens, _ = jax.jit(
+    lambda p, t: decoding.sample(
+      CONFIG, p, t, jax.random.key(0), temperature=0.0, guidance_scale=scale
+    )
+  )(params, text)
+  decoder_input = jnp.concatenate([jnp.full((2, 1), CONFIG.bos_id), tokens[:, :-1]], axis=1)
+  model = Parti(CONFIG)
+
+  @jax.jit
+  def logits_of(null):
+    encoded, mask = model.apply({"params": params}, text, null=null, method=Parti.encode)
+    return model.apply({"params": params}, decoder_input, encoded, mask, method=Parti.decode)
+
+  cond, uncond = logits_of(jnp.zeros(2, bool)), logits_of(jnp.ones(2, bool))
+  np.testing.assert_array_equal(jnp.argmax(uncond + scale * (cond - uncond), -1), tokens)
+
+
+def test_predict_batch_with_aux_shapes_and_best_of_n(model_and_params):
+  model, variables, batch = model_and_params
+  params = variables["params"]
+  predict = jax.jit(
+    lambda p, b, rng: model.predict_batch_with_aux(
+      p, b, rng, decoder_params={"top_k": 8}, num_decodes=3, return_all_decodes=True
+    )
+  )
+  all_tokens, aux = predict(params, batch, jax.random.key(2))
+  assert all_tokens.shape == (4, 3, CONFIG.image_length)
+  assert aux["scores"].shape == (4, 3)
+  assert int(all_tokens.max()) < CONFIG.image_vocab_size
+  best, best_aux = jax.jit(
+    lambda p, b, rng: model.predict_batch_with_aux(
+      p, b, rng, decoder_params={"top_k": 8}, num_decodes=3
+    )
+  )(params, batch, jax.random.key(2))
+  assert best.shape == (4, CONFIG.image_length)
+  np.testing.assert_allclose(best_aux["scores"], aux["scores"].max(axis=1), rtol=1e-5)
+  with pytest.raises(NotImplementedError):
+    model.predict_batch_with_aux(params, batch, prompt_with_targets=True)
+
+
+def test_filter_logits_top_k_and_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  np.testing.assert_array_equal(
+    jnp.isfinite(decoding.filter_logits(logits, top_k=2)), [[True, True, False, False]]
+  )
+  np.testing.assert_array_equal(
+    jnp.isfinite(decoding.filter_logits(logits, top_p=0.7)), [[True, True, False, False]]
+  )
+  np.testing.assert_array_equal(
+    jnp.isfinite(decoding.filter_logits(logits, top_p=0.9)), [[True, True, True, False]]
+  )
+  assert jnp.isfinite(decoding.filter_logits(logits)).all()
+
+
+def test_params_are_float32_under_bfloat16(model_and_params):
+  model = PartiT5xModel(CONFIG.replace(dtype="bfloat16"))
+  shapes = {k: v.shape for k, v in model_and_params[2].items()}
+  variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0), shapes))
+  assert {x.dtype for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables["params"]))} == {
+    jnp.dtype("float32")
+  }
