@@ -27,6 +27,7 @@ import gin
 from absl import app, flags, logging
 
 from parti import files, multihost, optim, partitioning
+from parti.config import PartiConfig
 from parti.errors import ConfigError
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -48,6 +49,8 @@ OPERATIVE_CONFIG = "config.gin"
 # Registering returns a gin-aware copy and leaves the class itself plain Python.
 gin.external_configurable(partitioning.MeshConfig, module="partitioning")
 gin.external_configurable(optim.AdamConfig, module="optim")
+gin.external_configurable(optim.AdafactorConfig, module="optim")
+gin.external_configurable(PartiConfig, module="parti")
 
 
 class GinConfigError(ConfigError):

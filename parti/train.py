@@ -28,9 +28,17 @@ import numpy as np
 from absl import logging
 
 from parti import checkpoints, flops, gin_utils, metric_logging, optim, partitioning
+from parti import samples as samples_lib
 from parti.config import PartiConfig
 from parti.errors import ConfigError
-from parti.trainer import PartiTrainer, TrainState, summarize
+from parti.samples import SampleConfig
+from parti.trainer import (
+  FEATURE_AXES,
+  PartiTrainer,
+  batch_shardings,
+  jit_train_step,
+  summarize,
+)
 
 CONFIG_FILE = "parti_config.json"
 BEST_DIR = "best"
@@ -104,6 +112,8 @@ def train(
   keep_checkpoints: int = 3,
   peak_flops: float | None = None,
   tfds_data_dir: str | None = None,
+  shuffle: bool = True,
+  samples: SampleConfig = SampleConfig(),
   seed: int = 0,
 ) -> dict[str, float]:
   """Trains Parti; returns the last evaluation (or the last training metrics).
@@ -135,6 +145,9 @@ def train(
     keep_checkpoints: how many recent checkpoints to keep (the best is kept apart).
     peak_flops: per-device peak FLOP/s for MFU; None measures float32 matmuls here.
     tfds_data_dir: where TFDS datasets are prepared.
+    shuffle: shuffle the training examples. Each host shuffles its own shard, so
+      only an unshuffled run sees the same global batches on any number of hosts.
+    samples: periodic sample images from validation prompts (off by default).
     seed: seed of initialization, dropout and data order.
   """
   import seqio
@@ -218,7 +231,7 @@ def train(
       task_feature_lengths=task_feature_lengths,
       feature_converter=converter,
       global_batch_size=batch_size,
-      shuffle=epochs is None,
+      shuffle=shuffle and epochs is None,
       seed=seed,
       num_epochs=epochs,
     )
@@ -248,29 +261,16 @@ def train(
       model.save(model_dir / CONFIG_FILE)
   gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
 
-  feature_axes = {
-    "encoder_input_tokens": ("batch", None),
-    "decoder_input_tokens": ("batch", None),
-    "decoder_target_tokens": ("batch", None),
-    "decoder_loss_weights": ("batch", None),
-    "images": ("batch", None, None, None),
-  }
-  batch_shardings = {
-    name: partitioning.logical_sharding(device_mesh, axes, rules)
-    for name, axes in feature_axes.items()
-  }
+  feature_names = ("encoder_input_tokens", "images") if raw_images else tuple(FEATURE_AXES)[:4]
+  shardings = batch_shardings(device_mesh, rules, feature_names)
 
   def to_global(batch) -> dict[str, jax.Array]:
     return {
-      name: jax.make_array_from_process_local_data(batch_shardings[name], np.asarray(value))
-      for name, value in batch.items()
-      if name in batch_shardings
+      name: jax.make_array_from_process_local_data(shardings[name], np.asarray(batch[name]))
+      for name in feature_names
     }
 
-  def step_fn(state: TrainState, batch, tok_params):
-    return trainer.train_step(state, batch, tok_params)
-
-  train_step = jax.jit(step_fn, out_shardings=(state_shardings, replicated), donate_argnums=0)
+  train_step = jit_train_step(trainer, device_mesh, state_shardings, shardings)
   eval_step = jax.jit(trainer.eval_sums, out_shardings=replicated)
 
   def evaluate(step: int) -> dict[str, float]:
@@ -291,6 +291,12 @@ def train(
     logging.info("Evaluation at step %d: %s", step, result)
     return result
 
+  sampler = None
+  if samples.every:
+    sampler = _training_samples(
+      model, samples, dataset(eval_split or train_split, 1), mixture_or_task_name,
+      samples_lib.tokenizer_checkpoint(tokenizer_dir, pre_encoded_dir), device_mesh,
+    )  # fmt: skip
   peak = peak_flops or _measured_peak()
   step_flops = flops.parti_train_flops(model, batch_size, task_feature_lengths["inputs"])
   tokens_per_step = batch_size * model.image_length
@@ -343,6 +349,11 @@ def train(
           if result["eval/loss"] < best_loss:
             best_loss = result["eval/loss"]
             best.save(step, {"params": state.params}, meta={"eval_loss": best_loss})
+        if sampler and (sampler.due(step) or step == num_steps):
+          paused = True
+          sheet = sampler.draw(state.params)
+          if sheet is not None:
+            writer.images(step, {"samples": sheet})
         if checkpointer.should_save(step) or step == num_steps or preemption.requested:
           paused = True
           checkpointer.save(
@@ -378,6 +389,28 @@ def _initial_params(init_from: str, abstract_params):
   return items["params"]
 
 
+def _training_samples(
+  model: PartiConfig, options: SampleConfig, prompts_dataset, task_name: str, checkpoint, mesh
+) -> samples_lib.TrainingSamples | None:
+  """The sampler of periodic images: the first validation prompts, and the tokenizer."""
+  import seqio
+  from jax.experimental import multihost_utils
+
+  from parti.tokenizer.api import ImageTokenizer
+
+  if checkpoint is None:
+    logging.warning("No sample images: the run has no image tokenizer to decode them with.")
+    return None
+  tokenizer = ImageTokenizer.from_checkpoint(checkpoint[0], checkpoint[1], mesh=mesh)
+  first = next(prompts_dataset.as_numpy_iterator())["encoder_input_tokens"][: options.count]
+  # Every host must feed the same prompts to the (replicated) sampler.
+  prompts = multihost_utils.broadcast_one_to_all(first)
+  vocabulary = seqio.get_mixture_or_task(task_name).output_features["inputs"].vocabulary
+  captions = [vocabulary.decode([int(t) for t in row if t > 0]) for row in prompts]
+  logging.info("Sample images every %d steps for %d prompts.", options.every, len(prompts))
+  return samples_lib.TrainingSamples(model, options, prompts, captions, tokenizer)
+
+
 def _check_vocabulary(name: str, model: PartiConfig) -> None:
   import seqio
 
@@ -396,8 +429,7 @@ def _measured_peak() -> float:
 
 
 configured_train = gin.external_configurable(train)
-gin.external_configurable(PartiConfig, module="parti")
-gin.external_configurable(optim.AdafactorConfig, module="optim")
+gin.external_configurable(SampleConfig, module="samples")
 
 if __name__ == "__main__":
   gin_utils.run(configured_train)

@@ -28,6 +28,14 @@ from parti.errors import ConfigError
 from parti.model import Parti
 
 Batch = dict[str, jax.Array]
+# Logical axes of every feature a step may be fed; the rules shard "batch" over the data axes.
+FEATURE_AXES = {
+  "encoder_input_tokens": ("batch", None),
+  "decoder_input_tokens": ("batch", None),
+  "decoder_target_tokens": ("batch", None),
+  "decoder_loss_weights": ("batch", None),
+  "images": ("batch", None, None, None),
+}
 # (tokenizer params, images [B, H, W, 3]) -> image token ids [B, h, w]
 ImageEncoder = Callable[[Any, jax.Array], jax.Array]
 
@@ -198,6 +206,39 @@ class PartiTrainer:
   def eval_sums(self, params, batch: Batch, tokenizer_params=None) -> dict[str, jax.Array]:
     """Summed loss, nll, correct and weight over a batch, without dropout."""
     return self._sums(params, self.to_model_features(batch, tokenizer_params), None)
+
+
+def batch_shardings(
+  mesh: jax.sharding.Mesh,
+  rules: partitioning.LogicalRules,
+  names: tuple[str, ...] = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+  ),
+) -> dict[str, jax.sharding.NamedSharding]:
+  """The shardings of a batch with features `names` (default: the token features)."""
+  return {name: partitioning.logical_sharding(mesh, FEATURE_AXES[name], rules) for name in names}
+
+
+def jit_train_step(
+  trainer: PartiTrainer,
+  mesh: jax.sharding.Mesh,
+  state_shardings,
+  shardings: dict[str, jax.sharding.NamedSharding],
+):
+  """`trainer.train_step` jitted with in and out shardings and the state donated.
+
+  The tokenizer's parameters (raw-image batches only) are replicated.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+    trainer.train_step,
+    in_shardings=(state_shardings, shardings, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -17,9 +17,9 @@ import time
 
 import gin
 
-from parti import files, gin_utils
+from parti import contact_sheet, files, gin_utils
 from parti.errors import ConfigError
-from parti.tasks.shapes import builder, preview, render, scenes
+from parti.tasks.shapes import builder, render, scenes
 
 
 def prepare_shapes(
@@ -85,7 +85,7 @@ def _write_preview(shapes: builder.PartiShapes, path: pathlib.Path, count: int =
     return
   chosen = [scenes.make_scene(config.seed, "test", i, config.held_out) for i in range(count)]
   images = [render.render(scene, config.image_size) for scene in chosen]
-  files.atomic_write_bytes(path, preview.contact_sheet(images, [s.caption for s in chosen]))
+  files.atomic_write_bytes(path, contact_sheet.contact_sheet(images, [s.caption for s in chosen]))
   print(f"Wrote a preview of the test split to {path}")
 
 

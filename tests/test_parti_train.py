@@ -1,18 +1,25 @@
-"""The Parti training job: outputs, exact resume, preemption, NaN, bad configs, raw images."""
+"""The Parti training job: outputs, exact resume, preemption, NaN, bad configs, raw images,
+and two processes (hosts) training exactly like one."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
 
 import gin
 import numpy as np
 import pytest
+from PIL import Image
 
 from parti import gin_utils, metric_logging, optim, partitioning
 from parti.config import PartiConfig
 from parti.errors import ConfigError
+from parti.samples import SampleConfig, tokenizer_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +194,21 @@ def test_unknown_gin_binding_is_a_clear_error():
     gin.clear_config()
 
 
+def test_sample_images_find_the_tokenizer_that_encoded_the_data(tmp_path, tokens_dir, caplog):
+  from parti.tasks import token_records
+
+  assert tokenizer_checkpoint("/my/tokenizer", tokens_dir) == ("/my/tokenizer", None)
+  assert tokenizer_checkpoint(None, None) is None
+  # tokens_dir was made by no real tokenizer: no samples, and the log says why.
+  assert tokenizer_checkpoint(None, tokens_dir) is None
+  assert "No sample images" in caplog.text
+  (tmp_path / "tokenizer").mkdir()
+  token_records.write_provenance(
+    tmp_path, token_records.Provenance(f"{tmp_path / 'tokenizer'}@300", 64, (4, 4), 32, "test")
+  )
+  assert tokenizer_checkpoint(None, str(tmp_path)) == (str(tmp_path / "tokenizer"), 300)
+
+
 def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shapes_task_name):
   model = tiny_model(text_length=32)
   result = run(
@@ -200,8 +222,13 @@ def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shape
     num_steps=2,
     eval_split=None,
     mesh=partitioning.MeshConfig(data=8),
+    samples=SampleConfig(every=2, count=3, guidance_scale=2.0),
   )
   assert np.isfinite(result["train/loss"])
+  # Samples of the training prompts, decoded by the run's tokenizer, with their captions.
+  sheet = Image.open(tmp_path / "images" / "samples_0000002.png")
+  assert sheet.size == (4 * 128, 128 + 44)  # One row of 3 (of 4 columns): image and caption.
+  assert np.asarray(sheet)[:128, : 3 * 128].std() > 0
   with pytest.raises(ConfigError, match="tokenizer_dir"):
     run(
       tmp_path / "no_tokenizer", None, model=model, mixture_or_task_name=shapes_task_name,
@@ -213,3 +240,98 @@ def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shape
       mixture_or_task_name=shapes_task_name, task_feature_lengths={"inputs": 32, "image": 32},
       tokenizer_dir=str(trained_tokenizer), pre_encoded_dir=None, num_steps=1,
     )  # fmt: skip
+
+
+# --- Multi-host ---------------------------------------------------------------------------------
+
+_GIN_NAMES = {
+  PartiConfig: "parti.PartiConfig",
+  partitioning.MeshConfig: "partitioning.MeshConfig",
+  optim.AdafactorConfig: "optim.AdafactorConfig",
+}
+
+
+def _as_gin(args: dict) -> str:
+  """`train.train` keyword arguments as a gin file."""
+  lines = []
+  for key, value in args.items():
+    if dataclasses.is_dataclass(value):
+      name = _GIN_NAMES[type(value)]
+      lines.append(f"train.{key} = @{name}()")
+      lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+    else:
+      lines.append(f"train.{key} = {value!r}")
+  return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_dir):
+  # Unshuffled and without guidance dropout (which depends on an example's place in
+  # the global batch), two hosts see the same global batches as one: each reads
+  # every other example of the one file, and losses are means over the batch.
+  same = dict(
+    model=tiny_model(cfg_dropout_rate=0.0), shuffle=False, num_steps=4, eval_every=4,
+    checkpoint_every=4,
+  )  # fmt: skip
+  run(tmp_path / "one", tokens_dir, **same)
+
+  args = dict(
+    model_dir=str(tmp_path / "two"),
+    mixture_or_task_name=TASK,
+    pre_encoded_dir=tokens_dir,
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    batch_size=8,
+    optimizer=optim.AdafactorConfig(
+      learning_rate=1e-2, warmup_steps=1, decay_start=4, decay_end=8, final_ratio=0.5
+    ),
+    mesh=partitioning.MeshConfig(data=4, model=2, rules="model_parallel"),
+    eval_batches=2,
+    log_every=1,
+    peak_flops=1e11,
+    **same,
+  )
+  (tmp_path / "two.gin").write_text(_as_gin(args))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  address = f"127.0.0.1:{_free_port()}"
+  hosts = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "parti.train",
+        f"--gin_file={tmp_path / 'two.gin'}",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={index}",
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for index in range(2)
+  ]
+  try:
+    outputs = [host.communicate(timeout=400)[0] for host in hosts]
+  finally:
+    for host in hosts:
+      host.kill()
+  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
+    assert host.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+  assert "Process 1 of 2: 4 local and 8 global devices" in outputs[1]
+
+  one = metric_logging.read_metrics(tmp_path / "one")
+  two = metric_logging.read_metrics(tmp_path / "two")
+  for step in range(1, 5):
+    assert two[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
+  assert two[4]["eval/loss"] == pytest.approx(one[4]["eval/loss"], rel=1e-5)
+  # Both hosts wrote the checkpoint together, with each host's input position.
+  saved = tmp_path / "two" / "checkpoints"
+  assert (saved / "4").is_dir()
+  hosts_saved = {p.name.split(".")[0] for p in (saved / "input_state" / "4").iterdir()}
+  assert hosts_saved == {"input_state_00000", "input_state_00001"}

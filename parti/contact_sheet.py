@@ -1,4 +1,8 @@
-"""A contact sheet of examples with their captions: what the dataset looks like at a glance."""
+"""A contact sheet of images with their captions: a dataset, or samples, at a glance.
+
+Used by the shapes preview and by the sample images of training and inference;
+it needs only numpy and Pillow.
+"""
 
 from __future__ import annotations
 
