@@ -153,8 +153,12 @@ def quantized_trace(decay: float) -> optax.GradientTransformation:
   """
 
   def init(params):
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    values, scales = _split(jax.tree_util.tree_map(_quantize, zeros), zeros)
+    # What `_quantize` makes of zeros, written out: quantizing a constant would have
+    # XLA fold every row's absmax at compile time (seconds per large parameter).
+    values = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.int8), params)
+    scales = jax.tree_util.tree_map(
+      lambda p: jnp.ones((*p.shape[:-1], 1) if p.ndim else (), jnp.float32), params
+    )
     return QuantizedTraceState(values, scales)
 
   def update(updates, state, params=None):
