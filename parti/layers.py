@@ -54,11 +54,23 @@ class DenseGeneral(nn.Module):
     kernel = self.param(
       "kernel", nn.with_logical_partitioning(init, self.kernel_axes), shape, jnp.float32
     )
-    contract = (axis, tuple(range(len(axis))))
-    y = jax.lax.dot_general(
-      x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-      preferred_element_type=self.dtype,
-    )  # fmt: skip
+    if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+      # Contracting trailing axes: one 2-D matmul over [positions, inputs]. XLA:CPU
+      # runs the backward pass's weight gradient ~20% faster this way than as a
+      # dot_general with several contracting axes (which it transposes first).
+      batch_shape = x.shape[: x.ndim - len(axis)]
+      fan_in, fan_out = math.prod(in_shape), math.prod(self.features)
+      y = jnp.dot(
+        x.reshape(-1, fan_in).astype(self.dtype),
+        kernel.reshape(fan_in, fan_out).astype(self.dtype),
+        preferred_element_type=self.dtype,
+      ).reshape(*batch_shape, *self.features)
+    else:
+      contract = (axis, tuple(range(len(axis))))
+      y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+        preferred_element_type=self.dtype,
+      )  # fmt: skip
     if self.use_bias:
       bias = self.param(
         "bias",

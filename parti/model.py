@@ -257,9 +257,16 @@ class ImageDecoder(nn.Module):
     )(x, encoded, encoder_mask, causal)
     x = layers.Norm(cfg.norm, name="final_norm")(x)
     if cfg.tie_image_embeddings:
-      # T5's scaling, so that tied logits start at the scale of an untied projection.
-      logits = embed.attend(x.astype(jnp.float32)) / jnp.sqrt(cfg.embed_dim).astype(jnp.float32)
-      logits = logits[..., : cfg.image_vocab_size]
+      # Only the codes' rows (not BOS or the padding) make logits, so the logits come
+      # out at their final width: slicing [B, N, padded vocab] logits instead costs a
+      # copy of the largest activation of the model, forward and backward. The input
+      # is scaled (T5's 1/sqrt(embed_dim), so that tied logits start at the scale of
+      # an untied projection) rather than the 30x larger logits.
+      codes = embed.embedding[: cfg.image_vocab_size].astype(jnp.float32)
+      scaled = x.astype(jnp.float32) / jnp.sqrt(cfg.embed_dim).astype(jnp.float32)
+      logits = jnp.dot(
+        scaled.reshape(-1, cfg.embed_dim), codes.T, preferred_element_type=jnp.float32
+      ).reshape(*x.shape[:-1], cfg.image_vocab_size)
     else:
       logits = layers.dense(
         cfg.image_vocab_size, ("embed", "vocab"), jnp.float32, name="logits"
