@@ -117,18 +117,28 @@ def _gib(num_bytes: int) -> str:
 # --- Exact state bytes from logical axes ---------------------------------------------------------
 
 
-def _mesh_splits(rules: partitioning.LogicalRules, axis_sizes: Mapping[str, int]):
-  """A function: logical axis name -> how many ways the rules split it on this mesh."""
-  table = dict(rules)
+def _mesh_axes(rules: partitioning.LogicalRules, logical: str | None) -> tuple[str, ...]:
+  mesh_axes = dict(rules).get(logical) if logical else None
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
 
-  def split(logical: str | None) -> int:
-    mesh_axes = table.get(logical) if logical else None
-    if mesh_axes is None:
-      return 1
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-    return math.prod(axis_sizes[axis] for axis in mesh_axes)
 
-  return split
+def _dim_splits(names, rules, axis_sizes, taken=()) -> list[int]:
+  """How many ways each dimension of an array with logical `names` is split.
+
+  As flax resolves the rules, a mesh axis splits at most one dimension of an array:
+  the first that claims it (or none, if it is in `taken`).
+  """
+  used = set(taken)
+  splits = []
+  for name in names:
+    axes = _mesh_axes(rules, name)
+    if used.intersection(axes):
+      axes = ()
+    used.update(axes)
+    splits.append(math.prod(axis_sizes[axis] for axis in axes))
+  return splits
 
 
 def sharded_bytes(boxed_tree, rules: partitioning.LogicalRules, axis_sizes: Mapping[str, int]):
@@ -137,18 +147,24 @@ def sharded_bytes(boxed_tree, rules: partitioning.LogicalRules, axis_sizes: Mapp
   A dimension split n ways keeps ceil(size / n) elements per device, as XLA pads.
   Unboxed leaves are replicated.
   """
-  split = _mesh_splits(rules, axis_sizes)
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
   elements = per_device = 0
   for leaf in jax.tree_util.tree_leaves(boxed_tree, is_leaf=is_box):
-    names = leaf.names if is_box(leaf) else (None,) * len(getattr(leaf, "shape", ()))
     value = leaf.value if is_box(leaf) else leaf
     if not hasattr(value, "shape"):
       continue
-    shard = [-(-size // split(name)) for size, name in zip(value.shape, names, strict=True)]
+    names = leaf.names if is_box(leaf) else (None,) * len(value.shape)
+    splits = _dim_splits(names, rules, axis_sizes)
+    shard = [-(-size // n) for size, n in zip(value.shape, splits, strict=True)]
     elements += math.prod(value.shape)
     per_device += math.prod(shard) * jnp.dtype(value.dtype).itemsize
   return elements, per_device
+
+
+def _activation_splits(rules: partitioning.LogicalRules, axis_sizes: Mapping[str, int]):
+  """logical axis -> its split in an activation, whose batch dimension comes first."""
+  batch_axes = _mesh_axes(rules, "batch")
+  return lambda logical: _dim_splits([logical], rules, axis_sizes, taken=batch_axes)[0]
 
 
 # --- Activations ---------------------------------------------------------------------------------
@@ -324,7 +340,7 @@ def estimate_memory(
   abstract_state = jax.eval_shape(lambda: trainer.init(0))
   parameters, parameter_bytes = sharded_bytes(abstract_state.params, rules, sizes)
   _, optimizer_bytes = sharded_bytes(abstract_state.opt_state, rules, sizes)
-  per_example = activation_bytes_per_example(model, text_length, _mesh_splits(rules, sizes))
+  per_example = activation_bytes_per_example(model, text_length, _activation_splits(rules, sizes))
   activation_bytes = per_example * batch_size // (data_ways * microbatches)
 
   report = MemoryReport(

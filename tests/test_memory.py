@@ -30,9 +30,12 @@ def _device_bytes(tree) -> int:
   return total
 
 
-@pytest.mark.parametrize("layout", ["8x1", "2x4", "fsdp4x2"])
+LAYOUTS = {**MESH_LAYOUTS, "2d": partitioning.MeshConfig(data=1, fsdp=4, model=2, rules="2d")}
+
+
+@pytest.mark.parametrize("layout", ["8x1", "2x4", "fsdp4x2", "2d"])
 def test_state_bytes_equal_what_a_sharded_init_holds(layout):
-  mesh_config = MESH_LAYOUTS[layout]
+  mesh_config = LAYOUTS[layout]
   optimizer = optim.AdafactorConfig(quantize_momentum=True)
   report = memory.estimate_memory(
     model=TINY, mesh=mesh_config, batch_size=8, optimizer=optimizer, compile=False
@@ -50,6 +53,16 @@ def test_state_bytes_equal_what_a_sharded_init_holds(layout):
       model=TINY, mesh=MESH_LAYOUTS["8x1"], batch_size=8, optimizer=optimizer, compile=False
     )
     assert report.parameter_bytes < unsplit.parameter_bytes
+
+
+def test_a_mesh_axis_splits_one_dimension_of_an_array():
+  rules = partitioning.RULE_SETS["2d"]
+  sizes = {"data": 1, "fsdp": 4, "model": 2}
+  assert memory._dim_splits(("embed", "mlp"), rules, sizes) == [2, 4]
+  # In an activation the batch takes fsdp first, so its heads are not split again.
+  assert memory._dim_splits(("batch", "length", "heads", "kv"), rules, sizes) == [4, 1, 1, 1]
+  assert memory._activation_splits(rules, sizes)("heads") == 1
+  assert memory._activation_splits(rules, sizes)("embed") == 2
 
 
 def test_activations_follow_the_remat_policy_and_the_batch_split():
