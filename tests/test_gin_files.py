@@ -7,6 +7,7 @@ import json
 import re
 
 import gin
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -108,3 +109,45 @@ def test_train_vocab_gin_runs(tmp_path):
   vocabulary = vocabularies.text_vocabulary(path)
   assert vocabulary.decode(vocabulary.encode("a red circle")) == "a red circle"
   assert "train_vocab.shapes_examples = 300" in (tmp_path / gin_utils.OPERATIVE_CONFIG).read_text()
+
+
+def _pre_encoded_shapes(folder, grid=(16, 16), codes=512, count=16):
+  """A pre-encoded folder shaped like the tiny tokenizer's shapes (16x16 tokens, 512 codes)."""
+  from parti.tasks import token_records
+
+  token_records.write_provenance(
+    folder, token_records.Provenance("synthetic", codes, grid, 64, "parti_shapes_64_10k")
+  )
+  rng = np.random.default_rng(0)
+  for split in ("train", "validation"):
+    records = [
+      token_records.serialize(
+        f"{split}{i}", "a red circle above a blue square", rng.integers(0, codes, grid[0] * grid[1])
+      )
+      for i in range(count)
+    ]
+    token_records.write_shard(folder / token_records.shard_name(split, 0, 0), records)
+
+
+@pytest.mark.slow
+def test_pretrain_tiny_shapes_gin_trains(tmp_path):
+  from parti import metric_logging, train
+
+  _pre_encoded_shapes(tmp_path / "tokens")
+  gin_utils.parse(
+    ["gin/runs/pretrain_tiny_shapes.gin"],
+    [
+      f"MODEL_DIR = '{tmp_path / 'run'}'",
+      f"PRE_ENCODED_DIR = '{tmp_path / 'tokens'}'",
+      "TRAIN_STEPS = 2",
+      "BATCH_SIZE = 8",
+      "train.eval_batches = 1",
+      "train.peak_flops = 1e11",
+    ],
+  )
+  result = train.configured_train()
+  assert np.isfinite(result["eval/loss"])
+  rows = metric_logging.read_metrics(tmp_path / "run")
+  assert sorted(rows) == [2] and np.isfinite(rows[2]["train/loss"])
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+  assert "TRAIN_STEPS = 2" in (tmp_path / "run" / gin_utils.OPERATIVE_CONFIG).read_text()
