@@ -1,12 +1,17 @@
 """Autoregressive sampling of image tokens with the KV cache, and classifier-free guidance.
 
-    tokens = decoding.sample(config, params, text_tokens, rng, guidance_scale=3.0, top_k=...)
+    tokens, log_probs = decoding.sample(config, params, text_tokens, keys, guidance_scale=1.2)
 
-One encoder pass; a one-token prefill (BOS) that fills the cross-attention cache;
-then a `lax.scan` of single-token decoder steps, each reading and extending the
-cache. With guidance, the conditional and unconditional (null-condition) halves
-run as one doubled batch and their logits are combined before sampling:
-`uncond + scale * (cond - uncond)` (scale 1 is plain conditional sampling).
+One encoder pass; one prefill call that feeds BOS (and an image prefix, for image
+completion) and fills the caches; then a `lax.scan` of single-token decoder steps,
+each reading and extending the self-attention cache. With guidance, the
+conditional and unconditional (null-condition) halves run as one doubled batch
+and their logits are combined before sampling, `uncond + scale * (cond - uncond)`;
+a scale of exactly 1.0 (a Python float) skips the unconditional half.
+
+Every example draws from its own key, folded with the position, so a request's
+image depends on its prompt, seed and options only: not on the other requests in
+its batch, nor on how the batch is split over devices.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def example_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """One key per example: `rng` if it already is a batch of keys, else split from it."""
+  if rng.ndim == 0:
+    return jax.random.split(rng, batch)
+  if rng.shape != (batch,):
+    raise ValueError(f"Expected one key or {batch} keys, got keys of shape {rng.shape}.")
+  return rng
+
+
 def sample(
   config: PartiConfig,
   params,
@@ -42,62 +56,92 @@ def sample(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
-  guidance_scale: float = 1.0,
+  guidance_scale: float | jax.Array = 1.0,
+  prefix: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Samples image tokens [B, image_length] and their log-probabilities under the model.
+  """Samples image tokens and their log-probabilities under the (guided) model.
 
-  Jittable (all options are static Python values). temperature 0 decodes greedily.
-  The returned log-probabilities are of the sampled tokens under the guided,
-  temperature-free distribution.
+  Jittable: temperature, top_k, top_p and a float guidance_scale are static.
+
+  Args:
+    config: the model.
+    params: its parameters.
+    encoder_input_tokens: text tokens [B, T] (0 = padding).
+    rng: a key, or one key per example [B] (a request's seed).
+    temperature: sampling temperature; 0 decodes greedily.
+    top_k: sample among the k likeliest codes (0: all).
+    top_p: sample among the likeliest codes holding this much mass (1: all).
+    guidance_scale: classifier-free guidance, a float or one per example [B].
+    prefix: image tokens [B, k] to continue from (the top rows of an image, say):
+      they are fed, not sampled, and the returned tokens start with them.
+
+  Returns:
+    (tokens [B, image_length] int32, log_probs [B, image_length]): each token's
+    log-probability under the guided, temperature-free distribution (for the
+    prefix too, so that scores compare across prefixes).
   """
   model = Parti(config)
   batch = encoder_input_tokens.shape[0]
-  guided = guidance_scale != 1.0
+  keys = example_keys(rng, batch)
+  guided = not (isinstance(guidance_scale, int | float) and guidance_scale == 1.0)
+  scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
+  known = 0 if prefix is None else prefix.shape[1]
+  if known >= config.image_length:
+    raise ValueError(f"A prefix of {known} tokens leaves nothing of {config.image_length}.")
+
+  def doubled(x):
+    return jnp.concatenate([x, x]) if guided else x
+
   null = jnp.arange(2 * batch) >= batch if guided else None
-  tokens = (
-    jnp.concatenate([encoder_input_tokens, encoder_input_tokens])
-    if guided
-    else encoder_input_tokens
+  encoded, mask = model.apply(
+    {"params": params}, doubled(encoder_input_tokens), null=null, method=Parti.encode
   )
-  encoded, mask = model.apply({"params": params}, tokens, null=null, method=Parti.encode)
-  bos = jnp.full((tokens.shape[0], 1), config.bos_id, jnp.int32)
+  first = jnp.full((batch, 1), config.bos_id, jnp.int32)
+  if prefix is not None:
+    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
   logits, variables = model.apply(
-    {"params": params}, bos, encoded, mask, decode=True, method=Parti.decode, mutable=["cache"]
-  )
+    {"params": params}, doubled(first), encoded, mask, decode=True, method=Parti.decode,
+    mutable=["cache"],
+  )  # fmt: skip
 
   def guide(logits):
-    logits = logits[:, -1].astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
     if guided:
       cond, uncond = logits[:batch], logits[batch:]
-      logits = uncond + guidance_scale * (cond - uncond)
+      logits = uncond + scale.reshape(-1, *([1] * (logits.ndim - 1))) * (cond - uncond)
     return logits
 
-  def choose(logits, key):
+  def choose(logits, position):
     if temperature == 0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits / temperature, top_k, top_p)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, position))(keys)
+    return jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
 
-  def step(carry, key):
+  def log_prob_of(logits, token):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
+
+  prefill = guide(logits)  # [B, known + 1, V]: the prefix's positions, then the next one.
+  prefix_log_probs = log_prob_of(prefill[:, :known], first[:, 1:])
+
+  def step(carry, position):
     cache, logits = carry
-    guided_logits = guide(logits)
-    token = choose(guided_logits, key)
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(guided_logits), token[:, None], -1)[:, 0]
-    feed = jnp.concatenate([token, token]) if guided else token
-    logits, updated = model.apply(
-      {"params": params, "cache": cache}, feed[:, None], None, mask, decode=True,
+    token = choose(logits, position)
+    log_prob = log_prob_of(logits, token)
+    next_logits, updated = model.apply(
+      {"params": params, "cache": cache}, doubled(token)[:, None], None, mask, decode=True,
       method=Parti.decode, mutable=["cache"],
     )  # fmt: skip
-    return (updated["cache"], logits), (token, log_prob)
+    return (updated["cache"], guide(next_logits[:, -1])), (token, log_prob)
 
-  keys = jax.random.split(rng, config.image_length)
-  # BOS plus image_length - 1 fed tokens fill the cache; the last token is only chosen.
-  (_, last_logits), (tokens_out, log_probs) = jax.lax.scan(
-    step, (variables["cache"], logits), keys[:-1]
+  # The last position is only chosen: feeding it would write past the cache.
+  positions = jnp.arange(known, config.image_length - 1)
+  (_, last_logits), (sampled, sampled_log_probs) = jax.lax.scan(
+    step, (variables["cache"], prefill[:, -1]), positions
   )
-  final_logits = guide(last_logits)
-  final = choose(final_logits, keys[-1])
-  final_log_prob = jnp.take_along_axis(jax.nn.log_softmax(final_logits), final[:, None], -1)[:, 0]
-  tokens_out = jnp.concatenate([tokens_out.T, final[:, None]], axis=1)
-  log_probs = jnp.concatenate([log_probs.T, final_log_prob[:, None]], axis=1)
-  return tokens_out, log_probs
+  last = choose(last_logits, config.image_length - 1)
+  tokens = jnp.concatenate([first[:, 1:], sampled.T, last[:, None]], axis=1)
+  log_probs = jnp.concatenate(
+    [prefix_log_probs, sampled_log_probs.T, log_prob_of(last_logits, last)[:, None]], axis=1
+  )
+  return tokens, log_probs

@@ -1,0 +1,92 @@
+"""The KV-cached sampler: equal to naive decoding, per-request seeds and guidance, prefixes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_parti_model import example_batch, forward, init_params, tiny_config
+
+from parti import decoding
+
+CONFIG = tiny_config(image_grid=(3, 4), cfg_dropout_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def params_and_text():
+  return init_params(CONFIG), jnp.asarray(example_batch(CONFIG, 4)["encoder_input_tokens"])
+
+
+@functools.cache
+def _sampler(**options):
+  return jax.jit(functools.partial(decoding.sample, CONFIG, **options))
+
+
+def sample(params, text, rng, **options):
+  prefix = options.pop("prefix", None)
+  scale = options.pop("guidance_scale", 1.0)
+  if isinstance(scale, float):
+    options["guidance_scale"] = scale
+    return _sampler(**options)(params, text, rng, prefix=prefix)
+  return _sampler(**options)(params, text, rng, prefix=prefix, guidance_scale=scale)
+
+
+def test_greedy_cached_decoding_equals_naive_decoding(params_and_text):
+  params, text = params_and_text
+  tokens, _ = sample(params, text, jax.random.key(0), temperature=0.0)
+  # Naive: rerun the full forward over everything decoded so far, for every position.
+  naive = jnp.zeros((4, CONFIG.image_length), jnp.int32)
+  for position in range(CONFIG.image_length):
+    decoder_input = jnp.concatenate([jnp.full((4, 1), CONFIG.bos_id), naive[:, :-1]], axis=1)
+    logits = forward(CONFIG, params, text, decoder_input)
+    naive = naive.at[:, position].set(jnp.argmax(logits[:, position], -1))
+  np.testing.assert_array_equal(tokens, naive)
+
+
+def test_a_request_draws_the_same_image_alone_or_in_any_batch(params_and_text):
+  params, text = params_and_text
+  keys = jax.vmap(jax.random.key)(jnp.arange(4))
+  together, _ = sample(params, text, keys, top_k=8)
+  for row in (0, 3):
+    alone, _ = sample(params, text[row : row + 1], keys[row : row + 1], top_k=8)
+    np.testing.assert_array_equal(alone[0], together[row])
+  reversed_batch, _ = sample(params, text[::-1], keys[::-1], top_k=8)
+  np.testing.assert_array_equal(reversed_batch[::-1], together)
+  other_seed, _ = sample(params, text, jax.vmap(jax.random.key)(jnp.arange(4) + 10), top_k=8)
+  assert (other_seed != together).any()
+
+
+def test_guidance_scale_per_request_equals_each_scale_alone(params_and_text):
+  params, text = params_and_text
+  text = text[:2]
+  per_request, _ = sample(
+    params, text, jax.random.key(0), temperature=0.0, guidance_scale=jnp.array([1.0, 3.0])
+  )
+  unguided, _ = sample(params, text[:1], jax.random.key(0), temperature=0.0, guidance_scale=1.0)
+  guided, _ = sample(params, text[1:], jax.random.key(0), temperature=0.0, guidance_scale=3.0)
+  np.testing.assert_array_equal(per_request[0], unguided[0])
+  np.testing.assert_array_equal(per_request[1], guided[0])
+
+
+def test_prefix_is_kept_and_continued_like_the_full_forward(params_and_text):
+  params, text = params_and_text
+  rows = 4  # The first row of the 3x4 grid is given.
+  prefix = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.image_vocab_size, (4, rows)))
+  tokens, log_probs = sample(params, text, jax.random.key(0), temperature=0.0, prefix=prefix)
+  np.testing.assert_array_equal(tokens[:, :rows], prefix)
+  decoder_input = jnp.concatenate([jnp.full((4, 1), CONFIG.bos_id), tokens[:, :-1]], axis=1)
+  logits = forward(CONFIG, params, text, decoder_input)
+  np.testing.assert_array_equal(jnp.argmax(logits, -1)[:, rows:], tokens[:, rows:])
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+  with pytest.raises(ValueError, match="leaves nothing"):
+    decoding.sample(CONFIG, params, text, jax.random.key(0), prefix=jnp.zeros((4, 12), jnp.int32))
+
+
+def test_keys_must_be_one_or_one_per_example():
+  assert decoding.example_keys(jax.random.key(0), 3).shape == (3,)
+  with pytest.raises(ValueError, match="one key or 3 keys"):
+    decoding.example_keys(jax.vmap(jax.random.key)(jnp.arange(2)), 3)
