@@ -1,0 +1,217 @@
+"""The batch inference job: outputs, resume, determinism, bad prompts and refused checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from parti import checkpoints, infer, partitioning
+from parti.config import PartiConfig
+from parti.errors import ConfigError
+from parti.prompts import PromptEncoder, shapes_vocabulary_path
+from parti.trainer import PartiTrainer
+
+pytestmark = pytest.mark.slow
+
+MESH = partitioning.MeshConfig(data=4, model=2, rules="model_parallel")
+OPTIONS = infer.SamplingOptions(guidance_scale=2.0, top_k=16, samples=2, keep=1, seed=3)
+
+
+def _tiny_parti(**overrides) -> PartiConfig:
+  """A Parti that writes the test tokenizer's codes (64) on its 4x4 grid."""
+  fields = dict(
+    text_vocab_size=128, text_length=16, image_vocab_size=64, image_grid=(4, 4), embed_dim=32,
+    mlp_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
+  )  # fmt: skip
+  return PartiConfig(**{**fields, **overrides})
+
+
+def _save_run(model_dir, config: PartiConfig, step: int = 7):
+  """A Parti run folder (config and one checkpoint of random parameters), as train writes."""
+  from flax import linen as nn
+
+  from parti import optim
+
+  trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()))
+  params = jax.jit(lambda: nn.meta.unbox(trainer.init_params(jax.random.key(0))))()
+  model_dir.mkdir(parents=True, exist_ok=True)
+  config.save(model_dir / "parti_config.json")
+  saver = checkpoints.Checkpointer(model_dir)
+  saver.save(step, {"params": params})
+  saver.close()
+  return str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def parti_run(tmp_path_factory):
+  return _save_run(tmp_path_factory.mktemp("parti"), _tiny_parti())
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+  lines = [
+    b"a red circle",
+    b"",  # blank: skipped
+    b"two blue squares <b>&",
+    b"a red circle",  # repeated: generated once
+    b"a green star " + b"and a star " * 20,  # longer than 16 tokens: truncated
+    b"a caf\xe9 triangle",  # not UTF-8: replaced
+    b"three yellow stars",
+  ]
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  return path
+
+
+def run(out, parti_run, tokenizer, prompts, **overrides):
+  args = dict(
+    checkpoint_dir=parti_run, tokenizer_dir=str(tokenizer), prompts=str(prompts),
+    output_dir=str(out), options=OPTIONS, batch_size=4, mesh=MESH, gallery_every=1,
+  )  # fmt: skip
+  return infer.infer(**{**args, **overrides})
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, parti_run, trained_tokenizer, prompts_file):
+  out = tmp_path_factory.mktemp("infer")
+  return out, run(out, parti_run, trained_tokenizer, prompts_file)
+
+
+def _manifest(out) -> list[dict]:
+  return [
+    json.loads(line)
+    for path in sorted(out.glob("manifest-*.jsonl"))
+    for line in path.read_text().splitlines()
+  ]
+
+
+def test_every_prompt_gets_images_a_manifest_line_and_a_gallery_card(first_run, caplog):
+  out, entries = first_run
+  prompts = [e["prompt"] for e in entries]
+  assert len(prompts) == 5 == len(set(prompts))  # Blank skipped, repeat generated once.
+  assert "a caf\ufffd triangle" in prompts
+  assert [e["index"] for e in entries] == list(range(5))
+  assert _manifest(out) == entries
+  for entry in entries:
+    assert entry["checkpoint_step"] == 7 and entry["guidance_scale"] == 2.0
+    assert len(entry["files"]) == 1 and len(entry["scores"]) == 1
+    image = np.asarray(Image.open(out / entry["files"][0]))
+    assert image.shape == (32, 32, 3)
+  page = (out / infer.GALLERY).read_text()
+  assert page.count('class="card"') == 5
+  assert "two blue squares &lt;b&gt;&amp;" in page  # Escaped.
+  assert not list(out.rglob("*.tmp"))
+
+
+def test_long_prompts_are_truncated_with_a_warning_that_names_them(caplog):
+  encoder = PromptEncoder(16)
+  with caplog.at_level("WARNING"):
+    tokens = encoder.encode("a green star " + "and a star " * 20)
+  assert "truncated" in caplog.text and "a green star" in caplog.text
+  assert tokens[-1] == 1 and (tokens > 0).all()  # 15 pieces, then EOS.
+
+
+def test_a_rerun_skips_finished_prompts_and_a_killed_run_loses_nothing(
+  tmp_path, parti_run, trained_tokenizer, prompts_file, first_run, monkeypatch
+):
+  out, expected = first_run
+  assert run(out, parti_run, trained_tokenizer, prompts_file) == []  # All done.
+
+  # A kill after the second prompt's files but before its manifest line.
+  killed = tmp_path / "killed"
+  original = infer._write_prompt
+  calls = {"n": 0}
+
+  def write_then_die(*args, **kwargs):
+    calls["n"] += 1
+    entry = original(*args, **kwargs)
+    if calls["n"] == 2:
+      raise KeyboardInterrupt
+    return entry
+
+  monkeypatch.setattr(infer, "_write_prompt", write_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run(killed, parti_run, trained_tokenizer, prompts_file)
+  monkeypatch.setattr(infer, "_write_prompt", original)
+  assert [e["index"] for e in _manifest(killed)] == [0]
+  resumed = run(killed, parti_run, trained_tokenizer, prompts_file)
+  assert [e["index"] for e in resumed] == [1, 2, 3, 4]
+  # The same images as the uninterrupted run: each prompt's seed is its own.
+  for entry in expected:
+    name = entry["files"][0]
+    assert (killed / name).read_bytes() == (out / name).read_bytes(), entry["prompt"]
+
+
+def test_images_do_not_depend_on_the_batch_or_the_prompt_order(
+  tmp_path, parti_run, trained_tokenizer, first_run
+):
+  out, expected = first_run
+  reordered = tmp_path / "reordered.txt"
+  texts = [e["prompt"] for e in expected][::-1]
+  reordered.write_text("\n".join(texts) + "\n")
+  entries = run(tmp_path / "out", parti_run, trained_tokenizer, reordered, batch_size=8)
+  by_prompt = {e["prompt"]: e for e in entries}
+  for entry in expected:
+    mine = by_prompt[entry["prompt"]]
+    assert mine["seed"] == entry["seed"]
+    assert (tmp_path / "out" / mine["files"][0]).read_bytes() == (
+      out / entry["files"][0]
+    ).read_bytes()
+
+
+def test_parti_prompts_keep_category_and_challenge_and_keep_the_best_samples(
+  tmp_path, parti_run, trained_tokenizer
+):
+  tsv = tmp_path / "prompts.tsv"
+  tsv.write_text(
+    "Prompt\tCategory\tChallenge\tNote\n"
+    "a red circle\tAbstract\tBasic\t\n"
+    "two blue squares\tArtifacts\tQuantity\t\n"
+  )
+  options = infer.SamplingOptions(guidance_scale=1.0, samples=4, keep=2, seed=1)
+  entries = run(tmp_path / "out", parti_run, trained_tokenizer, tsv, options=options, batch_size=2)
+  assert [(e["category"], e["challenge"]) for e in entries] == [
+    ("Abstract", "Basic"), ("Artifacts", "Quantity"),
+  ]  # fmt: skip
+  for entry in entries:
+    assert len(entry["files"]) == 2 and entry["scores"][0] >= entry["scores"][1]
+
+
+def test_refusals_are_clear(tmp_path, parti_run, trained_tokenizer, prompts_file, first_run):
+  out, _ = first_run
+  with pytest.raises(ConfigError, match=r"other \['seed'\]"):
+    run(
+      out, parti_run, trained_tokenizer, prompts_file, options=dataclasses.replace(OPTIONS, seed=4)
+    )
+  with pytest.raises(ConfigError, match="not a Parti run"):
+    run(tmp_path / "a", str(tmp_path / "nothing"), trained_tokenizer, prompts_file)
+  other = _save_run(tmp_path / "parti128", _tiny_parti(image_vocab_size=128))
+  with pytest.raises(ConfigError, match="has 64 codes, but the model writes 128"):
+    run(tmp_path / "b", other, trained_tokenizer, prompts_file)
+  with pytest.raises(ConfigError, match="not found"):
+    run(tmp_path / "c", parti_run, trained_tokenizer, tmp_path / "missing.txt")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  with pytest.raises(ConfigError, match="has no prompts"):
+    run(tmp_path / "d", parti_run, trained_tokenizer, empty)
+  with pytest.raises(ConfigError, match="Keep 1 to"):
+    infer.SamplingOptions(samples=2, keep=3)
+
+
+def test_prompt_encoding_matches_the_training_tasks(shapes_task_name):
+  import seqio
+
+  task = seqio.get_mixture_or_task(shapes_task_name)
+  encoder = PromptEncoder(32, shapes_vocabulary_path())
+  dataset = task.get_dataset({"inputs": 32, "image": 32}, split="validation", shuffle=False)
+  vocabulary = task.output_features["inputs"].vocabulary
+  for example in dataset.take(4).as_numpy_iterator():
+    caption = vocabulary.decode([int(t) for t in example["inputs"] if t > 1])
+    expected = np.zeros(32, np.int32)
+    expected[: len(example["inputs"])] = example["inputs"]
+    np.testing.assert_array_equal(encoder.encode(caption), expected)
