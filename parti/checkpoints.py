@@ -155,6 +155,29 @@ class Checkpointer:
         shutil.rmtree(child, ignore_errors=True)
 
 
+def restore_params(model_dir: str | pathlib.Path, abstract_params, step: int | None = None):
+  """(step, parameters) of another run's checkpoint (default: its latest that restores).
+
+  Only the `params` item is read, into `abstract_params` (ShapeDtypeStructs with
+  shardings), so training, fine-tuning and inference load each other's runs.
+
+  Raises:
+    FileNotFoundError: `model_dir` has no checkpoints/ folder, or no step restores.
+  """
+  folder = pathlib.Path(model_dir) / "checkpoints"
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{model_dir} has no checkpoints/ folder.")
+  checkpointer = Checkpointer(model_dir)
+  try:
+    restored = checkpointer.restore({"params": abstract_params}, step=step)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"{model_dir} has no checkpoint that restores.")
+  found, items, _ = restored
+  return found, items["params"]
+
+
 class Preemption:
   """Notes SIGTERM (a preemption notice) so the training loop can save and exit cleanly."""
 

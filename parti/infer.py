@@ -95,8 +95,6 @@ def load_model(checkpoint_dir: str, mesh, rules, step: int | None = None):
   config_path = folder / "parti_config.json"
   if not config_path.is_file():
     raise ConfigError(f"{checkpoint_dir} is not a Parti run: {config_path} is missing.")
-  if not (folder / "checkpoints").is_dir():
-    raise ConfigError(f"{checkpoint_dir} has no checkpoints/ folder.")
   config = PartiConfig.load(config_path)
   model = Parti(config)
   boxed = jax.eval_shape(
@@ -108,35 +106,18 @@ def load_model(checkpoint_dir: str, mesh, rules, step: int | None = None):
   )
   shardings = partitioning.tree_shardings(mesh, boxed, rules)
   abstract = partitioning.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-  checkpointer = checkpoints.Checkpointer(folder)
   try:
-    restored = checkpointer.restore({"params": abstract}, step=step)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise ConfigError(f"{checkpoint_dir} has no checkpoint that restores.")
-  found, items, _ = restored
-  return config, items["params"], shardings, found
+    found, params = checkpoints.restore_params(folder, abstract, step)
+  except FileNotFoundError as error:
+    raise ConfigError(str(error)) from error
+  return config, params, shardings, found
 
 
 def load_tokenizer(tokenizer_dir: str, config: PartiConfig, mesh):
   """(tokenizer config, replicated parameters, step), checked against the model's codes."""
   from parti.tokenizer import checkpoint_io
 
-  try:
-    tok_config, params, step = checkpoint_io.load_params(tokenizer_dir)
-  except FileNotFoundError as error:
-    raise ConfigError(str(error)) from error
-  if tok_config.codebook_size != config.image_vocab_size:
-    raise ConfigError(
-      f"The tokenizer in {tokenizer_dir} has {tok_config.codebook_size} codes, but the model "
-      f"writes {config.image_vocab_size}: they were not trained together."
-    )
-  if tuple(tok_config.grid) != tuple(config.image_grid):
-    raise ConfigError(
-      f"The tokenizer in {tokenizer_dir} decodes a {tok_config.grid} grid; the model writes "
-      f"{config.image_grid}."
-    )
+  tok_config, params, step = checkpoint_io.load_for_model(tokenizer_dir, config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return tok_config, jax.device_put(params, replicated), step
 

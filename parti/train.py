@@ -67,17 +67,7 @@ def _load_tokenizer(tokenizer_dir: str, config: PartiConfig):
   from parti.tokenizer import checkpoint_io
   from parti.tokenizer import model as tokenizer_model
 
-  tok_config, params, step = checkpoint_io.load_params(tokenizer_dir)
-  if tok_config.codebook_size != config.image_vocab_size:
-    raise ConfigError(
-      f"The tokenizer in {tokenizer_dir} has {tok_config.codebook_size} codes; the model's "
-      f"image_vocab_size is {config.image_vocab_size}."
-    )
-  if tuple(tok_config.grid) != tuple(config.image_grid):
-    raise ConfigError(
-      f"The tokenizer in {tokenizer_dir} makes a {tok_config.grid} grid; the model's "
-      f"image_grid is {config.image_grid}."
-    )
+  tok_config, params, step = checkpoint_io.load_for_model(tokenizer_dir, config)
   logging.info("Tokenizing images in the step with %s (step %d).", tokenizer_dir, step)
   vqgan = tokenizer_model.VitVQGAN(tok_config)
 
@@ -377,16 +367,12 @@ def train(
 
 def _initial_params(init_from: str, abstract_params):
   """The latest parameters of the run in `init_from`, laid out like ours."""
-  if not (pathlib.Path(init_from) / "checkpoints").is_dir():
-    raise ConfigError(f"init_from {init_from!r} has no checkpoints/ folder to start from.")
-  source = checkpoints.Checkpointer(init_from)
-  restored = source.restore({"params": abstract_params})
-  source.close()
-  if restored is None:
-    raise ConfigError(f"init_from {init_from!r} has no checkpoint to start from.")
-  step, items, _ = restored
+  try:
+    step, params = checkpoints.restore_params(init_from, abstract_params)
+  except FileNotFoundError as error:
+    raise ConfigError(f"init_from: {error}") from error
   logging.info("Initialized the parameters from %s (step %d).", init_from, step)
-  return items["params"]
+  return params
 
 
 def _training_samples(

@@ -55,12 +55,30 @@ def load_params(model_dir: str | pathlib.Path, step: int | None = None, sharding
   abstract = jax.tree_util.tree_map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
   )
-  checkpointer = checkpoints.Checkpointer(model_dir)
+  found_step, params = checkpoints.restore_params(model_dir, abstract, step)
+  return config, params, found_step
+
+
+def load_for_model(tokenizer_dir: str | pathlib.Path, model_config):
+  """(config, params, step) of a tokenizer that must write or read `model_config`'s codes.
+
+  Raises:
+    ConfigError: no trained tokenizer there, or its codebook or grid is not the model's.
+  """
+  from parti.errors import ConfigError
+
   try:
-    restored = checkpointer.restore({"params": abstract}, step=step)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"No usable tokenizer checkpoint in {folder}.")
-  found_step, items, _ = restored
-  return config, items["params"], found_step
+    config, params, step = load_params(tokenizer_dir)
+  except FileNotFoundError as error:
+    raise ConfigError(str(error)) from error
+  if config.codebook_size != model_config.image_vocab_size:
+    raise ConfigError(
+      f"The tokenizer in {tokenizer_dir} has {config.codebook_size} codes, but the model "
+      f"writes {model_config.image_vocab_size}: they were not trained together."
+    )
+  if tuple(config.grid) != tuple(model_config.image_grid):
+    raise ConfigError(
+      f"The tokenizer in {tokenizer_dir} makes a {config.grid} grid; the model writes "
+      f"{model_config.image_grid}."
+    )
+  return config, params, step
