@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from parti.config import PartiConfig
-from parti.model import Parti
+from parti.model import Parti, unstack_layers
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -80,6 +80,8 @@ def sample(
     log-probability under the guided, temperature-free distribution (for the
     prefix too, so that scores compare across prefixes).
   """
+  # Decoding runs the layers unrolled: see `unstack_layers`.
+  params, config = unstack_layers(params, config)
   model = Parti(config)
   batch = encoder_input_tokens.shape[0]
   keys = example_keys(rng, batch)

@@ -56,6 +56,29 @@ def relative_position_bucket(relative_position: jax.Array, num_buckets: int, max
   return bucket + jnp.where(is_small, distance, large)
 
 
+def unstack_layers(params, config: PartiConfig) -> tuple[dict, PartiConfig]:
+  """Scanned parameters as the unrolled model's: ({... "layers_0": ..., ...}, config).
+
+  Each tower's stacked `layers` subtree (leading axis: the layer) becomes one
+  subtree per layer, named as `_stack` names unrolled layers. Decoding uses this:
+  inside a scan over layers, every decoding step would copy each layer's slice of
+  the stacked KV cache out and back in, which costs a full cache copy per token.
+  """
+  if not config.scan_layers:
+    return params, config
+  out = dict(params)
+  for tower, count in (
+    ("encoder", config.num_encoder_layers),
+    ("decoder", config.num_decoder_layers),
+  ):
+    tree = dict(params[tower])
+    stacked = tree.pop("layers")
+    for i in range(count):
+      tree[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    out[tower] = tree
+  return out, config.replace(scan_layers=False)
+
+
 class RelativePositionBias(nn.Module):
   """T5's learned per-head bias over relative-position buckets, [1, heads, q, k]."""
 

@@ -11,6 +11,7 @@ import pytest
 from test_parti_model import example_batch, forward, init_params, tiny_config
 
 from parti import decoding
+from parti.model import unstack_layers
 
 CONFIG = tiny_config(image_grid=(3, 4), cfg_dropout_rate=0.1)
 
@@ -90,3 +91,17 @@ def test_keys_must_be_one_or_one_per_example():
   assert decoding.example_keys(jax.random.key(0), 3).shape == (3,)
   with pytest.raises(ValueError, match="one key or 3 keys"):
     decoding.example_keys(jax.vmap(jax.random.key)(jnp.arange(2)), 3)
+
+
+def test_unstacked_layers_compute_what_the_scanned_ones_do(params_and_text):
+  params, text = params_and_text
+  assert CONFIG.scan_layers
+  unrolled, unrolled_config = unstack_layers(params, CONFIG)
+  assert not unrolled_config.scan_layers and "layers_1" in unrolled["decoder"]
+  image = jnp.asarray(example_batch(CONFIG, 4)["decoder_input_tokens"])
+  np.testing.assert_allclose(
+    forward(unrolled_config, unrolled, text, image),
+    forward(CONFIG, params, text, image),
+    rtol=1e-5,
+    atol=1e-5,
+  )
