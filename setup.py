@@ -67,6 +67,8 @@ _INSTALL_REQUIRES = [
   "optax>=0.2.8",
   "orbax-checkpoint>=0.12.8",
   "pillow>=13.0.0",
+  # The Fréchet distance's matrix square root (parti.fid).
+  "scipy>=1.17.1",
   "sentencepiece>=0.2.3",
   # The input pipeline only: the model, tokenizer and sampler import without it.
   "seqio>=0.0.20",
