@@ -225,7 +225,7 @@ def infer(
     "%d prompts: %d already done in %s, %d to generate.",
     len(all_prompts), len(all_prompts) - len(todo), out, len(todo),
   )  # fmt: skip
-  generate = _generate_fn(config, tok_config, options, device_mesh, rules, param_shardings)
+  generate = make_generator(config, tok_config, options, device_mesh, rules, param_shardings)
   manifest = out / f"manifest-{jax.process_index():05d}.jsonl"
   per_host = batch_size // jax.process_count()
   num_batches = -(-len(todo) // batch_size)
@@ -234,7 +234,7 @@ def infer(
   for number in range(num_batches):
     batch = todo[number * batch_size : (number + 1) * batch_size]
     mine = batch[jax.process_index() * per_host : (jax.process_index() + 1) * per_host]
-    inputs = _host_inputs(mine or batch[-1:], per_host, encoder, options)
+    inputs = host_inputs(mine or batch[-1:], per_host, encoder, options)
     images, scores = generate(params, tok_params, *inputs)
     for slot, (index, prompt) in enumerate(mine):
       entry = _write_prompt(out, index, prompt, images[slot], scores[slot], options, step)
@@ -249,7 +249,7 @@ def infer(
   return written
 
 
-def _host_inputs(mine: Sequence[tuple[int, Prompt]], per_host: int, encoder, options):
+def host_inputs(mine: Sequence[tuple[int, Prompt]], per_host: int, encoder, options):
   """This host's rows: text [per_host * samples, T], seeds [rows, 2]; padding rows repeat
   the last prompt (their outputs are dropped). A host with no prompt left in the last
   batch is given one of another host's, to pad with."""
@@ -266,8 +266,8 @@ def _host_inputs(mine: Sequence[tuple[int, Prompt]], per_host: int, encoder, opt
   return text, seeds
 
 
-def _generate_fn(config, tok_config, options: SamplingOptions, mesh, rules, param_shardings):
-  """A function of (params, tokenizer params, host text, host seeds) -> this host's
+def make_generator(config, tok_config, options: SamplingOptions, mesh, rules, param_shardings):
+  """The jitted sampler and tokenizer decoder, shared by inference and evaluation: a function of (params, tokenizer params, host text, host seeds) -> this host's
   (images [prompts, samples, H, W, 3], scores [prompts, samples]) as numpy."""
   from jax.experimental import multihost_utils
 
