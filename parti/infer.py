@@ -10,6 +10,7 @@ OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
   index.html            the gallery (offline), rewritten as prompts finish
+  report.md             per-category and per-challenge tables, for PartiPrompts-style prompts
   options.json          what the images were made with, and config.gin
 
 A rerun skips the prompts whose manifest line and files exist, so a killed job
@@ -42,7 +43,16 @@ from absl import logging
 from flax import linen as nn
 from PIL import Image
 
-from parti import checkpoints, decoding, files, gallery, gin_utils, metric_logging, partitioning
+from parti import (
+  checkpoints,
+  decoding,
+  files,
+  gallery,
+  gin_utils,
+  metric_logging,
+  partitioning,
+  prompt_report,
+)
 from parti.config import PartiConfig
 from parti.errors import ConfigError
 from parti.model import Parti
@@ -50,6 +60,7 @@ from parti.prompts import Prompt, PromptEncoder, read_prompts
 
 OPTIONS_FILE = "options.json"
 GALLERY = "index.html"
+REPORT = "report.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +354,8 @@ def _write_gallery(out: pathlib.Path, prompts: Sequence[Prompt], checkpoint_dir,
     return
   done = finished_prompts(out)
   entries = sorted(done.values(), key=lambda e: e["index"])
+  if any(e.get("category") or e.get("challenge") for e in entries):
+    files.atomic_write_text(out / REPORT, prompt_report.markdown(entries, "Parti samples"))
   gallery.write_gallery(
     out / GALLERY,
     "Parti samples",

@@ -180,6 +180,9 @@ def test_parti_prompts_keep_category_and_challenge_and_keep_the_best_samples(
   ]  # fmt: skip
   for entry in entries:
     assert len(entry["files"]) == 2 and entry["scores"][0] >= entry["scores"][1]
+  report = (tmp_path / "out" / infer.REPORT).read_text()
+  assert f"| Abstract | 1 | {entries[0]['scores'][0]:.2f} |" in report
+  assert f"| Quantity | 1 | {entries[1]['scores'][0]:.2f} |" in report
 
 
 def test_refusals_are_clear(tmp_path, parti_run, trained_tokenizer, prompts_file, first_run):
@@ -268,3 +271,23 @@ def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_t
       checkpoint_dir=parti_run, tokenizer_dir=str(trained_tokenizer), output_dir=str(tmp_path),
       splits=("holdout",), mesh=MESH,
     )  # fmt: skip
+
+
+def test_prompt_report_groups_best_scores():
+  from parti import prompt_report
+
+  entries = [
+    {"category": "Animals", "challenge": "Basic", "scores": [-10.0, -12.0]},
+    {"category": "Animals", "challenge": "", "scores": [-20.0]},
+    {"category": "Vehicles", "challenge": "Basic", "scores": [-4.0]},
+  ]
+  assert prompt_report.group_scores(entries, "category") == {
+    "Animals": (2, -15.0), "Vehicles": (1, -4.0),
+  }  # fmt: skip
+  assert prompt_report.group_scores(entries, "challenge") == {
+    "Basic": (2, -7.0),
+    "(none)": (1, -20.0),
+  }
+  assert "| Vehicles | 1 | -4.00 |" in prompt_report.markdown(entries)
+  with pytest.raises(ValueError, match="Group by"):
+    prompt_report.group_scores(entries, "note")
