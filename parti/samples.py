@@ -96,13 +96,9 @@ class TrainingSamples:
       sample_config: sampling options.
       prompts: text tokens [count, text length], the same on every host.
       captions: the prompts as text, for the contact sheet.
-      tokenizer: a `parti.tokenizer.api.ImageTokenizer` whose codes the model writes.
+      tokenizer: a `parti.tokenizer.api.ImageTokenizer` whose codes the model writes
+        (`parti.tokenizer.checkpoint_io.load_for_model` checks that).
     """
-    if tokenizer is not None and tokenizer.codebook_size != config.image_vocab_size:
-      raise ConfigError(
-        f"The sample tokenizer has {tokenizer.codebook_size} codes; the model writes "
-        f"{config.image_vocab_size}."
-      )
     self.config = config
     self.options = sample_config
     self.prompts = jnp.asarray(prompts, jnp.int32)

@@ -33,7 +33,8 @@ from parti.config import PartiConfig
 from parti.errors import ConfigError
 from parti.samples import SampleConfig
 from parti.trainer import (
-  FEATURE_AXES,
+  RAW_IMAGE_FEATURES,
+  TOKEN_FEATURES,
   PartiTrainer,
   batch_shardings,
   jit_train_step,
@@ -251,7 +252,7 @@ def train(
       model.save(model_dir / CONFIG_FILE)
   gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
 
-  feature_names = ("encoder_input_tokens", "images") if raw_images else tuple(FEATURE_AXES)[:4]
+  feature_names = RAW_IMAGE_FEATURES if raw_images else TOKEN_FEATURES
   shardings = batch_shardings(device_mesh, rules, feature_names)
 
   def to_global(batch) -> dict[str, jax.Array]:
@@ -382,12 +383,15 @@ def _training_samples(
   import seqio
   from jax.experimental import multihost_utils
 
+  from parti.tokenizer import checkpoint_io
   from parti.tokenizer.api import ImageTokenizer
 
   if checkpoint is None:
     logging.warning("No sample images: the run has no image tokenizer to decode them with.")
     return None
-  tokenizer = ImageTokenizer.from_checkpoint(checkpoint[0], checkpoint[1], mesh=mesh)
+  folder, step = checkpoint
+  tok_config, tok_params, found = checkpoint_io.load_for_model(folder, model, step)
+  tokenizer = ImageTokenizer(tok_config, tok_params, mesh, step=found)
   first = next(prompts_dataset.as_numpy_iterator())["encoder_input_tokens"][: options.count]
   # Every host must feed the same prompts to the (replicated) sampler.
   prompts = multihost_utils.broadcast_one_to_all(first)

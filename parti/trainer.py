@@ -36,6 +36,11 @@ FEATURE_AXES = {
   "decoder_loss_weights": ("batch", None),
   "images": ("batch", None, None, None),
 }
+# A batch of pre-encoded image tokens; a raw-image batch is RAW_IMAGE_FEATURES.
+TOKEN_FEATURES = (
+  "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"
+)  # fmt: skip
+RAW_IMAGE_FEATURES = ("encoder_input_tokens", "images")
 # (tokenizer params, images [B, H, W, 3]) -> image token ids [B, h, w]
 ImageEncoder = Callable[[Any, jax.Array], jax.Array]
 
@@ -211,12 +216,7 @@ class PartiTrainer:
 def batch_shardings(
   mesh: jax.sharding.Mesh,
   rules: partitioning.LogicalRules,
-  names: tuple[str, ...] = (
-    "encoder_input_tokens",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-  ),
+  names: tuple[str, ...] = TOKEN_FEATURES,
 ) -> dict[str, jax.sharding.NamedSharding]:
   """The shardings of a batch with features `names` (default: the token features)."""
   return {name: partitioning.logical_sharding(mesh, FEATURE_AXES[name], rules) for name in names}

@@ -59,7 +59,7 @@ def load_params(model_dir: str | pathlib.Path, step: int | None = None, sharding
   return config, params, found_step
 
 
-def load_for_model(tokenizer_dir: str | pathlib.Path, model_config):
+def load_for_model(tokenizer_dir: str | pathlib.Path, model_config, step: int | None = None):
   """(config, params, step) of a tokenizer that must write or read `model_config`'s codes.
 
   Raises:
@@ -68,7 +68,7 @@ def load_for_model(tokenizer_dir: str | pathlib.Path, model_config):
   from parti.errors import ConfigError
 
   try:
-    config, params, step = load_params(tokenizer_dir)
+    config, params, step = load_params(tokenizer_dir, step)
   except FileNotFoundError as error:
     raise ConfigError(str(error)) from error
   if config.codebook_size != model_config.image_vocab_size:
