@@ -57,6 +57,34 @@ class GinConfigError(ConfigError):
   """A gin file or binding that cannot be used, with the reason in words."""
 
 
+def _tolerate_namespace_packages() -> None:
+  """Makes gin's package-resource lookup of `include`s safe beside namespace folders.
+
+  For `include "runs/pretrain.gin"` gin tries, after the plain file, the package
+  `runs` on sys.path; a folder `runs/` (or `data/`, `models/`) without an
+  __init__.py in the working directory is a namespace package with no origin, and
+  gin's check raises TypeError instead of moving on to the next search path. gin
+  offers no hook to replace that check, so each registered one is wrapped to read
+  such a failure as "not there".
+  """
+  import gin.config
+
+  def safe(exists):
+    if getattr(exists, "_parti_safe", False):
+      return exists
+
+    def check(path):
+      try:
+        return exists(path)
+      except TypeError:
+        return False
+
+    check._parti_safe = True
+    return check
+
+  gin.config._FILE_READERS[:] = [(read, safe(exists)) for read, exists in gin.config._FILE_READERS]
+
+
 def default_search_paths() -> list[str]:
   """Folders that hold the project's gin files, in the order they are searched.
 
@@ -119,6 +147,7 @@ def parse(
     GinConfigError: a missing file, unknown configurable or parameter, or a syntax
       error, with the file or binding that caused it.
   """
+  _tolerate_namespace_packages()
   paths = [*search_paths, *default_search_paths()]
   for folder in paths:
     gin.add_config_file_search_path(folder)

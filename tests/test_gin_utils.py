@@ -62,6 +62,28 @@ def test_syntax_error_names_the_file(tmp_path):
     gin_utils.parse([str(bad)])
 
 
+def test_includes_resolve_beside_a_same_named_folder_in_the_working_directory(
+  tmp_path, monkeypatch
+):
+  # `make demo` writes runs/ into the checkout; `include "runs/pretrain.gin"` must
+  # still find gin/runs/pretrain.gin rather than trip over the namespace package.
+  import sys
+
+  from parti import train  # noqa: F401  (registers the configurables)
+
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "models").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for name in ("runs", "models"):
+    sys.modules.pop(name, None)
+  gin_utils.parse(
+    ["gin/models/parti_tiny.gin", "gin/runs/pretrain_tiny_shapes.gin"],
+    ["MODEL_DIR = '/tmp/m'", "PRE_ENCODED_DIR = '/tmp/p'", "MIXTURE_OR_TASK_NAME = 'x'"],
+  )
+  assert gin.config_is_locked()
+
+
 def test_job_command_line_from_outside_the_checkout(run_python, tmp_path):
   out = tmp_path / "out"
   run_python(
