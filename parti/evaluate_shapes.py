@@ -8,7 +8,9 @@ color-shape pairs), it generates one image per prompt and asks the shapes
 evaluator (`parti.tasks.shapes.evaluate`) whether the image shows what the
 prompt says: count, color, shape, size, position, relations and background, by
 prompt kind. The prompts are the dataset's own, regenerated from (seed, split,
-index), so no prepared dataset or TensorFlow is needed. OUTPUT_DIR receives
+index), so no prepared dataset or TensorFlow is needed. With `reranker_dir`, the
+contrastive model's CLIP-style score (100 * max(cosine, 0), averaged) is reported
+beside the accuracy. OUTPUT_DIR receives
 `shapes_eval.json`, `report.md` (tables per λ and split), `accuracy_vs_guidance.png`
 and a contact sheet of samples per λ and split.
 """
@@ -25,7 +27,15 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from parti import contact_sheet, files, gin_utils, infer, metric_logging, partitioning
+from parti import (
+  contact_sheet,
+  contrastive,
+  files,
+  gin_utils,
+  infer,
+  metric_logging,
+  partitioning,
+)
 from parti.errors import ConfigError
 from parti.prompts import Prompt, PromptEncoder
 from parti.tasks.shapes import evaluate, scenes, spec
@@ -50,6 +60,7 @@ def evaluate_shapes(
   batch_size: int = 8,
   vocabulary: str | None = None,
   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+  reranker_dir: str | None = None,
 ) -> dict:
   """Returns {λ: {split: kind -> attribute -> accuracy}} and writes the report.
 
@@ -67,6 +78,7 @@ def evaluate_shapes(
     batch_size: prompts per step over all hosts.
     vocabulary: the SentencePiece model of the run (default: the shapes one).
     mesh: device mesh and logical-axis rules.
+    reranker_dir: a `parti.train_contrastive` run whose CLIP-style score is also reported.
   """
   unknown = [s for s in splits if s not in spec.SPLITS]
   if unknown or examples < 1 or not guidance_scales:
@@ -80,11 +92,17 @@ def evaluate_shapes(
   config, params, shardings, step = infer.load_model(checkpoint_dir, device_mesh, rules)
   tok_config, tok_params, _ = infer.load_tokenizer(tokenizer_dir, config, device_mesh)
   encoder = PromptEncoder(config.text_length, vocabulary)
+  reranker = None
+  if reranker_dir:
+    from parti.rerank import Reranker
+
+    reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   by_split = {s: [scenes.make_scene(dataset_seed, s, i) for i in range(examples)] for s in splits}
 
   results: dict[str, dict[str, dict]] = {}
+  clip_scores: dict[str, dict[str, float]] = {}
   progress = metric_logging.Progress(len(guidance_scales) * len(splits), unit="images", every=1)
   for number, scale in enumerate(guidance_scales):
     options = infer.SamplingOptions(
@@ -98,6 +116,11 @@ def evaluate_shapes(
         (s.kind, evaluate.score(image, s)) for s, image in zip(split_scenes, images, strict=True)
       ]
       results[str(scale)][split] = evaluate.aggregate(scored)
+      if reranker:
+        cosine = reranker.score(np.stack(images) / 255.0, [s.caption for s in split_scenes])
+        clip = float(np.mean(contrastive.clip_score(cosine)))
+        clip_scores.setdefault(str(scale), {})[split] = clip
+        logging.info("λ=%s, %s: CLIP score %.2f", scale, split, clip)
       logging.info("λ=%s, %s:\n%s", scale, split, evaluate.format_table(results[str(scale)][split]))
       if jax.process_index() == 0:
         sheet = contact_sheet.contact_sheet(
@@ -106,10 +129,11 @@ def evaluate_shapes(
         files.atomic_write_bytes(out / f"samples_{split}_guidance_{scale}.png", sheet)
       progress.update(number * len(splits) + offset + 1, len(split_scenes))
   if jax.process_index() == 0:
-    files.atomic_write_json(
-      out / REPORT_JSON, {"checkpoint": checkpoint_dir, "step": step, "results": results}
-    )
-    files.atomic_write_text(out / REPORT, _markdown(results, checkpoint_dir, step))
+    record = {"checkpoint": checkpoint_dir, "step": step, "results": results}
+    if reranker:
+      record.update(reranker=reranker_dir, reranker_step=reranker.step, clip_scores=clip_scores)
+    files.atomic_write_json(out / REPORT_JSON, record)
+    files.atomic_write_text(out / REPORT, _markdown(results, checkpoint_dir, step, clip_scores))
     files.atomic_write_bytes(out / PLOT, _plot(results))
     gin_utils.write_operative_config(out)
   return results
@@ -134,7 +158,7 @@ def _generate(generate, params, tok_params, split_scenes, encoder, options, batc
   return images
 
 
-def _markdown(results: dict, checkpoint_dir: str, step: int) -> str:
+def _markdown(results: dict, checkpoint_dir: str, step: int, clip_scores: dict) -> str:
   lines = [
     "# Shapes evaluation",
     "",
@@ -148,6 +172,17 @@ def _markdown(results: dict, checkpoint_dir: str, step: int) -> str:
   for scale, by_split in results.items():
     cells = " | ".join(f"{100 * t['overall'].get('all', 0):.1f}%" for t in by_split.values())
     lines.append(f"| {scale} | {cells} |")
+  if clip_scores:
+    splits = list(next(iter(clip_scores.values())))
+    lines += [
+      "",
+      "## CLIP-style score (reranker, 100 * max(cosine, 0)) by guidance scale",
+      "",
+      "| guidance | " + " | ".join(splits) + " |",
+      "|---|" + "---|" * len(splits),
+    ]
+    for scale, by_split in clip_scores.items():
+      lines.append(f"| {scale} | " + " | ".join(f"{v:.1f}" for v in by_split.values()) + " |")
   for scale, by_split in results.items():
     for split, table in by_split.items():
       lines += ["", f"## λ = {scale}, {split}", "", "```", evaluate.format_table(table), "```"]

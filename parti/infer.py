@@ -18,8 +18,10 @@ loses nothing it finished; a rerun with other options or another checkpoint is
 refused rather than mixed in. Prompts are spread over every device and host
 (each host feeds its slice of each batch); the last batch is padded. Each
 prompt's seed is derived from its text, so its images do not depend on its
-place in the list or in a batch. Samples are ranked by their log-likelihood
-under the guided model until a reranker is given.
+place in the list or in a batch. Samples are ranked by a contrastive
+reranker's image-prompt similarity when `reranker_dir` names a
+`parti.train_contrastive` run (its CLIP-style score goes in the manifest and the
+report), else by their log-likelihood under the guided model.
 
 The model, tokenizer and this job run without TensorFlow (prompts from a seqio
 task excepted).
@@ -45,6 +47,7 @@ from PIL import Image
 
 from parti import (
   checkpoints,
+  contrastive,
   decoding,
   files,
   gallery,
@@ -186,6 +189,7 @@ def infer(
   vocabulary: str | None = None,
   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
   gallery_every: int = 10,
+  reranker_dir: str | None = None,
 ) -> list[dict]:
   """Generates images for every prompt; returns this run's manifest entries.
 
@@ -200,6 +204,8 @@ def infer(
     vocabulary: the SentencePiece model of the model's text (default: the shapes one).
     mesh: device mesh and logical-axis rules.
     gallery_every: batches between rewrites of the gallery.
+    reranker_dir: a `parti.train_contrastive` MODEL_DIR whose model ranks the samples
+      (None: rank by log-likelihood).
   """
   device_mesh = partitioning.create_mesh(mesh)
   rules = partitioning.rules_for(mesh)
@@ -217,6 +223,11 @@ def infer(
       f"The vocabulary {encoder.path} has {encoder.vocab_size} pieces; the model reads "
       f"{config.text_vocab_size}."
     )
+  reranker = None
+  if reranker_dir:
+    from parti.rerank import Reranker
+
+    reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   all_prompts = read_prompts(prompts)
   out = pathlib.Path(output_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -226,6 +237,8 @@ def infer(
     "checkpoint_step": step,
     "tokenizer": str(pathlib.Path(tokenizer_dir).absolute()),
     "tokenizer_step": tok_step,
+    "reranker": str(pathlib.Path(reranker_dir).absolute()) if reranker else None,
+    "reranker_step": reranker.step if reranker else None,
   }
   _check_options(out, record)
   gin_utils.write_operative_config(out if jax.process_index() == 0 else None)
@@ -246,9 +259,18 @@ def infer(
     batch = todo[number * batch_size : (number + 1) * batch_size]
     mine = batch[jax.process_index() * per_host : (jax.process_index() + 1) * per_host]
     inputs = host_inputs(mine or batch[-1:], per_host, encoder, options)
-    images, scores = generate(params, tok_params, *inputs)
+    images, log_likelihoods = generate(params, tok_params, *inputs)
+    images, log_likelihoods = images[: len(mine)], log_likelihoods[: len(mine)]
+    similarities = None
+    if reranker and mine:
+      flat = images.reshape(-1, *images.shape[2:])
+      texts = [prompt for _, prompt in mine for _ in range(options.samples)]
+      similarities = reranker.score(flat, texts).reshape(log_likelihoods.shape)
     for slot, (index, prompt) in enumerate(mine):
-      entry = _write_prompt(out, index, prompt, images[slot], scores[slot], options, step)
+      entry = _write_prompt(
+        out, index, prompt, images[slot], log_likelihoods[slot],
+        None if similarities is None else similarities[slot], options, step,
+      )  # fmt: skip
       with open(manifest, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
       written.append(entry)
@@ -323,8 +345,13 @@ def make_generator(config, tok_config, options: SamplingOptions, mesh, rules, pa
   return run
 
 
-def _write_prompt(out, index, prompt, images, scores, options, step) -> dict:
-  """Writes a prompt's best `keep` images; returns its manifest entry."""
+def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, options, step):
+  """Writes a prompt's best `keep` images; returns its manifest entry.
+
+  `scores` are what ranked the samples: the reranker's cosine similarities when
+  there is one (with their CLIP-score), else the log-likelihoods.
+  """
+  scores = log_likelihoods if similarities is None else similarities
   best = np.argsort(-scores, kind="stable")[: options.keep]
   names = []
   for rank, sample in enumerate(best):
@@ -342,6 +369,13 @@ def _write_prompt(out, index, prompt, images, scores, options, step) -> dict:
     **{k: getattr(options, k) for k in ("guidance_scale", "temperature", "top_k", "top_p")},
     "checkpoint_step": step,
     "scores": [float(scores[s]) for s in best],
+    "score": "log_likelihood" if similarities is None else "reranker_cosine",
+    "log_likelihoods": [float(log_likelihoods[s]) for s in best],
+    **(
+      {}
+      if similarities is None
+      else {"clip_score": float(contrastive.clip_score(similarities[best[0]]))}
+    ),
     "files": names,
   }
 

@@ -153,3 +153,36 @@ def trained_tokenizer(tmp_path_factory, shapes_task_name):
     checkpoint_every=3,
   )
   return model_dir
+
+
+def tiny_reranker_config(**overrides):
+  """The contrastive reranker the tests train: 32 px, width 32, one block per tower."""
+  from parti.contrastive import ContrastiveConfig
+
+  fields = dict(
+    text_vocab_size=128, text_length=16, image_size=32, patch_size=8, width=32, mlp_dim=64,
+    num_heads=2, text_layers=1, image_layers=1, embed_dim=16,
+  )  # fmt: skip
+  return ContrastiveConfig(**{**fields, **overrides})
+
+
+def train_tiny_reranker(model_dir, task, **overrides):
+  """Trains the tiny contrastive reranker on `task`; returns its last evaluation."""
+  from parti import optim, partitioning
+  from parti.train_contrastive import train_contrastive
+
+  args = dict(
+    model_dir=str(model_dir), model=tiny_reranker_config(),
+    mixture_or_task_name=task, batch_size=8, num_steps=80,
+    optimizer=optim.AdamConfig(learning_rate=3e-3, warmup_steps=3),
+    mesh=partitioning.MeshConfig(data=4, model=2), eval_every=80, eval_batches=1, log_every=10,
+    checkpoint_every=40,
+  )  # fmt: skip
+  return train_contrastive(**{**args, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained_reranker(tmp_path_factory, shapes_task_name):
+  """A reranker trained for 80 steps on the tiny shapes: (MODEL_DIR, last evaluation)."""
+  model_dir = tmp_path_factory.mktemp("reranker")
+  return model_dir, train_tiny_reranker(model_dir, shapes_task_name)

@@ -185,6 +185,49 @@ def test_parti_prompts_keep_category_and_challenge_and_keep_the_best_samples(
   assert f"| Quantity | 1 | {entries[1]['scores'][0]:.2f} |" in report
 
 
+def test_a_reranker_keeps_the_samples_it_scores_best(
+  tmp_path, parti_run, trained_tokenizer, trained_reranker
+):
+  from parti.rerank import Reranker
+
+  reranker_dir, _ = trained_reranker
+  tsv = tmp_path / "prompts.tsv"
+  tsv.write_text(
+    "Prompt\tCategory\tChallenge\n"
+    "a red circle\tAbstract\tBasic\n"
+    "two blue squares\tArtifacts\tQuantity\n"
+  )
+  options = infer.SamplingOptions(guidance_scale=1.0, samples=4, keep=4, seed=2)
+  out = tmp_path / "out"
+  entries = run(
+    out, parti_run, trained_tokenizer, tsv, options=options, batch_size=2,
+    reranker_dir=str(reranker_dir),
+  )  # fmt: skip
+  reranker = Reranker.from_checkpoint(reranker_dir)
+  for entry in entries:
+    assert entry["score"] == "reranker_cosine" and len(entry["log_likelihoods"]) == 4
+    assert entry["scores"] == sorted(entry["scores"], reverse=True)
+    # The manifest's scores are the reranker's scores of the written images.
+    images = np.stack([np.asarray(Image.open(out / n), np.float32) / 255 for n in entry["files"]])
+    np.testing.assert_allclose(
+      reranker.score(images, [entry["prompt"]] * 4), entry["scores"], atol=0.02
+    )
+    assert entry["clip_score"] == pytest.approx(100 * max(entry["scores"][0], 0.0), abs=1e-4)
+  options_record = json.loads((out / infer.OPTIONS_FILE).read_text())
+  assert options_record["reranker_step"] == reranker.step
+  report = (out / infer.REPORT).read_text()
+  assert "mean CLIP score" in report
+  assert (
+    f"| Abstract | 1 | {entries[0]['scores'][0]:.2f} | {entries[0]['clip_score']:.1f} |" in report
+  )
+  # The images themselves do not depend on the reranker: only their order does.
+  plain = run(tmp_path / "plain", parti_run, trained_tokenizer, tsv, options=options, batch_size=2)
+  for ranked, unranked in zip(entries, plain, strict=True):
+    assert sorted(ranked["log_likelihoods"]) == pytest.approx(sorted(unranked["log_likelihoods"]))
+  with pytest.raises(ConfigError, match="not a contrastive model run"):
+    run(tmp_path / "x", parti_run, trained_tokenizer, tsv, reranker_dir=str(tmp_path))
+
+
 def test_refusals_are_clear(tmp_path, parti_run, trained_tokenizer, prompts_file, first_run):
   out, _ = first_run
   with pytest.raises(ConfigError, match=r"other \['seed'\]"):
@@ -245,10 +288,11 @@ def test_shapes_evaluation_writes_a_report_per_guidance_scale(
 
 
 def test_shapes_evaluation_scores_each_image_against_its_own_prompt(
-  tmp_path, parti_run, trained_tokenizer, monkeypatch
+  tmp_path, parti_run, trained_tokenizer, trained_reranker, monkeypatch
 ):
   from parti import evaluate_shapes
-  from parti.tasks.shapes import render
+  from parti.rerank import Reranker
+  from parti.tasks.shapes import render, scenes
 
   def ground_truth(generate, params, tok_params, split_scenes, *args):
     return [render.render(scene, 64) for scene in split_scenes]
@@ -257,10 +301,20 @@ def test_shapes_evaluation_scores_each_image_against_its_own_prompt(
   results = evaluate_shapes.evaluate_shapes(
     checkpoint_dir=parti_run, tokenizer_dir=str(trained_tokenizer), output_dir=str(tmp_path),
     guidance_scales=(1.0,), examples=12, batch_size=4, mesh=MESH,
+    reranker_dir=str(trained_reranker[0]),
   )  # fmt: skip
   # The evaluator scores every ground-truth image at 64 px right.
   for table in results["1.0"].values():
     assert table["overall"]["all"] == 1.0
+  # The CLIP-style score is the reranker's, on the same images and prompts.
+  saved = json.loads((tmp_path / evaluate_shapes.REPORT_JSON).read_text())
+  test_scenes = [scenes.make_scene(0, "test", i) for i in range(12)]
+  cosine = Reranker.from_checkpoint(trained_reranker[0]).score(
+    np.stack([render.render(s, 64) for s in test_scenes]) / 255.0, [s.caption for s in test_scenes]
+  )
+  expected = float(np.mean(100 * np.maximum(cosine, 0)))
+  assert saved["clip_scores"]["1.0"]["test"] == pytest.approx(expected, abs=1e-3)
+  assert "CLIP-style score" in (tmp_path / evaluate_shapes.REPORT).read_text()
 
 
 def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_tokenizer):
