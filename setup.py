@@ -67,8 +67,6 @@ _INSTALL_REQUIRES = [
   "optax>=0.2.8",
   "orbax-checkpoint>=0.12.8",
   "pillow>=13.0.0",
-  # The Fréchet distance's matrix square root (parti.fid).
-  "scipy>=1.17.1",
   "sentencepiece>=0.2.3",
   # The input pipeline only: the model, tokenizer and sampler import without it.
   "seqio>=0.0.20",
@@ -79,7 +77,8 @@ _INSTALL_REQUIRES = [
 ]
 
 _EXTRAS_REQUIRE = {
-  "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "setuptools>=69", "wheel"],
+  # scipy: the tests check parti.fid against its matrix square root.
+  "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "scipy>=1.17.1", "setuptools>=69", "wheel"],
 }
 
 setuptools.setup(

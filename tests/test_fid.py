@@ -39,6 +39,11 @@ def test_few_samples_for_the_width_still_give_a_finite_distance():
   a = FeatureStatistics.of(rng.standard_normal((5, 32)))  # Rank-4 covariance.
   b = FeatureStatistics.of(rng.standard_normal((5, 32)))
   assert np.isfinite(frechet_distance(a, b)) and frechet_distance(a, b) > 0
+  # pytorch-fid's recipe for this case: sqrtm of the product with eps added to both.
+  offset = np.eye(32) * 1e-6
+  root = scipy.linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset)).real
+  expected = np.sum((a.mu - b.mu) ** 2) + np.trace(a.sigma + b.sigma - 2 * root)
+  assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-4)
 
 
 def test_statistics_round_trip_and_bad_input(tmp_path):
