@@ -224,7 +224,10 @@ class Attention(nn.Module):
     else:
       start = index.value
       positions = start + jnp.arange(length)
-      mask = (jnp.arange(self.max_length)[None, :] <= positions[:, None])[None, None]
+      # The cache may be handed in shorter than max_length (a window holding every
+      # position written so far: see `decoding.sample`), so mask by its own length.
+      window = cached_key.value.shape[2]
+      mask = (jnp.arange(window)[None, :] <= positions[:, None])[None, None]
     cached_key.value = jax.lax.dynamic_update_slice(
       cached_key.value, _heads_major(key), (0, 0, start, 0)
     )

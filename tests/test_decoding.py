@@ -105,3 +105,61 @@ def test_unstacked_layers_compute_what_the_scanned_ones_do(params_and_text):
     rtol=1e-5,
     atol=1e-5,
   )
+
+
+def test_kth_largest_equals_lax_top_k_with_ties_infinities_and_negatives():
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    n = int(rng.integers(2, 600))
+    k = int(rng.integers(1, n + 1))
+    x = rng.normal(size=(3, n)).astype(np.float32) * rng.choice([1e-3, 1.0, 1e4])
+    if trial % 3 == 0:
+      x = np.round(x)  # Ties.
+    if trial % 4 == 0:
+      x[:, : n // 3] = -np.inf  # Masked logits.
+    if trial % 5 == 0:
+      x = -np.abs(x)  # All negative.
+    expected = jax.lax.top_k(jnp.asarray(x), k)[0][..., -1:]
+    np.testing.assert_array_equal(decoding.kth_largest(jnp.asarray(x), k), expected)
+
+
+def test_filter_logits_keeps_the_top_k_and_the_top_p_mass():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  top2 = decoding.filter_logits(logits, top_k=2)
+  assert np.isfinite(top2).sum() == 2 and np.isfinite(top2[0, :2]).all()
+  nucleus = decoding.filter_logits(logits, top_p=0.8)  # 0.5 + 0.2 < 0.8 <= + 0.15.
+  np.testing.assert_array_equal(np.isfinite(nucleus[0]), [True, True, True, False, False])
+
+
+@pytest.mark.parametrize(("known", "length"), [(0, 12), (4, 12), (0, 256), (17, 1024), (0, 2)])
+def test_cache_windows_cover_every_step_with_the_entries_it_reads(known, length):
+  windows = decoding.cache_windows(known, length)
+  assert len(windows) <= decoding.MAX_CACHE_WINDOWS
+  steps = [p for begin, end, _ in windows for p in range(begin, end)]
+  assert steps == list(range(known, length - 1))
+  for begin, end, window in windows:
+    # A step at position p writes cache entry p + 1 and reads entries 0 .. p + 1.
+    assert end + 1 == window <= length and begin < end
+  assert [w for *_, w in windows] == sorted(w for *_, w in windows)
+
+
+def test_windowed_cache_decodes_exactly_what_one_full_window_does(params_and_text, monkeypatch):
+  params, text = params_and_text
+  prefix = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.image_vocab_size, (4, 3)))
+
+  def run(**options):
+    return jax.jit(functools.partial(decoding.sample, CONFIG, **options))(
+      params, text, jax.random.key(5), prefix=prefix
+    )
+
+  monkeypatch.setattr(decoding, "MAX_CACHE_WINDOWS", 1)
+  full = [run(top_k=8, guidance_scale=2.0), run(temperature=0.0)]
+  monkeypatch.setattr(decoding, "MAX_CACHE_WINDOWS", 8)
+  monkeypatch.setattr(decoding, "MIN_WINDOW_POSITIONS", 2)
+  assert len(decoding.cache_windows(3, CONFIG.image_length)) == 4
+  windowed = [run(top_k=8, guidance_scale=2.0), run(temperature=0.0)]
+  for (tokens, log_probs), (expected_tokens, expected_log_probs) in zip(
+    windowed, full, strict=True
+  ):
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    np.testing.assert_allclose(log_probs, expected_log_probs, atol=1e-5)
