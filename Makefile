@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo demo-long device-check test test-fast lint format bench clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,17 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: install, then run the main job on the embedded default.
+## demo: install, then run the end-to-end demo on the shapes (parti.demo: data,
+## vocabulary, tokenizer, pre-encoding, Parti, inference, evaluation); reruns resume.
 demo: $(STAMP)
+	$(BIN)/python -m parti.demo --runs_dir=$(RUNS)/demo
+
+## demo-long: the same stages trained longer (about an hour on 2 CPU cores).
+demo-long: $(STAMP)
+	$(BIN)/python -m parti.demo --runs_dir=$(RUNS)/demo_long --long
+
+## device-check: the devices, the mesh, a sharded matmul and the matmul peak.
+device-check: $(STAMP)
 	$(BIN)/python -m parti.device_check --gin_file=gin/runs/device_check.gin \
 	  --gin.MODEL_DIR=$(RUNS)/device_check
 

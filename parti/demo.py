@@ -1,0 +1,268 @@
+"""The end-to-end demo: every stage of the system, each run as its real job with its gin file.
+
+    python -m parti.demo --runs_dir=runs/demo              # about 10 minutes on 2 CPU cores
+    python -m parti.demo --runs_dir=runs/demo_long --long  # about an hour, better quality
+
+Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
+
+  1. data       prepare the 64x64 shapes (10k training scenes)    parti.tasks.prepare_shapes
+  2. vocab      train the SentencePiece vocabulary on captions    parti.tasks.train_vocab
+  3. tokenizer  train the tiny ViT-VQGAN                          parti.tokenizer.train
+  4. encode     pre-encode the dataset to image tokens            parti.tokenizer.encode
+  5. parti      train the tiny Parti with CFG dropout             parti.train
+  6. infer      batch inference on held-out prompts               parti.infer
+  7. evaluate   shapes faithfulness with and without guidance     parti.evaluate_shapes
+
+Each stage is a subprocess running `python -m MODULE --gin_file=... --gin.KEY=...`,
+the same command a TPU-pod user runs with bigger configs. A stage that finishes
+writes RUNS_DIR/STAGE.done; a rerun skips finished stages and resumes an
+interrupted one (every job resumes from its own checkpoints or outputs). The last
+stage's table, and where the gallery and report are, are printed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from parti import files, metric_logging
+from parti.errors import ConfigError
+
+HELD_OUT_PROMPTS = 32  # Per split, for the inference stage's gallery.
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One job of the demo: its module, gin file and the folders it reads and writes."""
+
+  name: str
+  module: str
+  gin_file: str
+  bindings: dict[str, str]
+  has_long_variant: bool = False
+
+  def command(self, long: bool) -> list[str]:
+    gin_file = self.gin_file
+    if long and self.has_long_variant:
+      gin_file = gin_file.replace(".gin", "_long.gin")
+    return [
+      sys.executable,
+      "-m",
+      self.module,
+      f"--gin_file={gin_file}",
+      *(f"--gin.{key}={value}" for key, value in self.bindings.items()),
+    ]
+
+
+def stages(runs: pathlib.Path) -> list[Stage]:
+  """The seven stages, writing under `runs`."""
+  tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
+  return [
+    Stage("data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)}),
+    Stage("vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")}),
+    Stage(
+      "tokenizer", "parti.tokenizer.train", "gin/demo/tokenizer.gin",
+      {"MODEL_DIR": str(tokenizer), "TFDS_DATA_DIR": str(tfds)}, has_long_variant=True,
+    ),
+    Stage(
+      "encode", "parti.tokenizer.encode", "gin/demo/encode.gin",
+      {"CHECKPOINT_DIR": str(tokenizer), "OUTPUT_DIR": str(tokens), "TFDS_DATA_DIR": str(tfds)},
+    ),
+    Stage(
+      "parti", "parti.train", "gin/demo/parti.gin",
+      {"MODEL_DIR": str(parti), "PRE_ENCODED_DIR": str(tokens)}, has_long_variant=True,
+    ),
+    Stage(
+      "infer", "parti.infer", "gin/demo/infer.gin",
+      {"CHECKPOINT_DIR": str(parti), "TOKENIZER_DIR": str(tokenizer),
+       "PROMPTS": str(runs / "held_out_prompts.txt"), "OUTPUT_DIR": str(runs / "infer")},
+    ),
+    Stage(
+      "evaluate", "parti.evaluate_shapes", "gin/demo/evaluate.gin",
+      {"CHECKPOINT_DIR": str(parti), "TOKENIZER_DIR": str(tokenizer),
+       "OUTPUT_DIR": str(runs / "evaluate")},
+    ),
+  ]  # fmt: skip
+
+
+def write_held_out_prompts(path: pathlib.Path, count: int = HELD_OUT_PROMPTS) -> None:
+  """The first test and compositional captions of the shapes dataset, one per line."""
+  from parti.tasks.shapes import scenes
+
+  captions = [
+    scenes.make_scene(0, split, index).caption
+    for split in ("test", "compositional")
+    for index in range(count)
+  ]
+  files.atomic_write_text(path, "\n".join(captions) + "\n")
+
+
+def run_demo(runs_dir: str, long: bool = False, only: Sequence[str] = ()) -> dict[str, float]:
+  """Runs (or resumes) the stages; returns each stage's seconds in this invocation."""
+  runs = pathlib.Path(runs_dir).absolute()
+  runs.mkdir(parents=True, exist_ok=True)
+  plan = stages(runs)
+  unknown = set(only) - {s.name for s in plan}
+  if unknown:
+    raise ConfigError(f"Unknown demo stages {sorted(unknown)}; they are {[s.name for s in plan]}.")
+  marker = runs / "profile.json"
+  profile = {"long": long}
+  if marker.is_file() and json.loads(marker.read_text()) != profile:
+    raise ConfigError(
+      f"{runs} holds a demo run with {marker.read_text().strip()}; use another --runs_dir "
+      "for the other variant."
+    )
+  files.atomic_write_json(marker, profile)
+  write_held_out_prompts(runs / "held_out_prompts.txt")
+  seconds = run_stages(runs, plan, long, only)
+  _summary(runs, plan)
+  return seconds
+
+
+def run_stages(
+  runs: pathlib.Path, plan: Sequence[Stage], long: bool = False, only: Sequence[str] = ()
+) -> dict[str, float]:
+  """Runs each stage not done yet, in order, as a subprocess logging to RUNS/STAGE.log.
+
+  Returns the seconds of each stage run by this call. A stage that fails raises
+  RuntimeError with its log's tail; the stages before it stay done.
+  """
+  seconds: dict[str, float] = {}
+  started = time.perf_counter()
+  for number, stage in enumerate(plan, start=1):
+    if only and stage.name not in only:
+      continue
+    done = runs / f"{stage.name}.done"
+    if done.is_file():
+      print(f"[{number}/{len(plan)}] {stage.name}: done earlier, skipped", flush=True)
+      continue
+    command = stage.command(long)
+    print(
+      f"[{number}/{len(plan)}] {stage.name} "
+      f"(elapsed {metric_logging.format_duration(time.perf_counter() - started)}): "
+      f"{shlex.join(command[1:])}",
+      flush=True,
+    )
+    stage_start = time.perf_counter()
+    log = runs / f"{stage.name}.log"
+    with open(log, "ab") as handle:
+      result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+      tail = log.read_text(errors="replace").splitlines()[-15:]
+      raise RuntimeError(
+        f"Stage {stage.name} failed (exit {result.returncode}); its log is {log}. Fix the cause "
+        "and rerun: finished stages are skipped and this one resumes.\n" + "\n".join(tail)
+      )
+    seconds[stage.name] = time.perf_counter() - stage_start
+    if stage.name == "vocab":
+      _compare_vocabulary(runs / "vocab" / "parti_shapes.model")
+    files.atomic_write_json(done, {"seconds": seconds[stage.name], "command": command})
+    print(
+      f"    {stage.name} took {metric_logging.format_duration(seconds[stage.name])}", flush=True
+    )
+  return seconds
+
+
+def _compare_vocabulary(trained: pathlib.Path) -> None:
+  from parti.prompts import shapes_vocabulary_path
+
+  shipped = shapes_vocabulary_path()
+  if trained.read_bytes() == shipped.read_bytes():
+    print(f"    the trained vocabulary is the one shipped in {shipped}", flush=True)
+  else:
+    print(
+      f"    warning: {trained} differs from the shipped {shipped}, which the shapes tasks "
+      "read (another sentencepiece version?)",
+      flush=True,
+    )
+
+
+def _last_metrics(model_dir: pathlib.Path, keys: Sequence[str]) -> dict[str, float]:
+  found: dict[str, float] = {}
+  if (model_dir / "metrics.jsonl").is_file():
+    for _, row in sorted(metric_logging.read_metrics(model_dir).items()):
+      found.update({k: row[k] for k in keys if k in row})
+  return found
+
+
+def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
+  """Prints the faithfulness table and where the outputs are."""
+  from parti import evaluate_shapes
+
+  total = sum(
+    json.loads((runs / f"{s.name}.done").read_text())["seconds"]
+    for s in plan
+    if (runs / f"{s.name}.done").is_file()
+  )
+  print(f"\nAll stages: {metric_logging.format_duration(total)} of job time.")
+  tokenizer = _last_metrics(runs / "tokenizer", ["eval/psnr", "eval/codebook_usage"])
+  if tokenizer:
+    print(
+      f"Tokenizer: held-out PSNR {tokenizer.get('eval/psnr', float('nan')):.1f} dB, "
+      f"codebook usage {100 * tokenizer.get('eval/codebook_usage', float('nan')):.0f}%."
+    )
+  parti = _last_metrics(runs / "parti", ["eval/loss", "eval/accuracy"])
+  if parti:
+    print(f"Parti: held-out loss {parti.get('eval/loss', float('nan')):.3f}.")
+  results_file = runs / "evaluate" / evaluate_shapes.REPORT_JSON
+  if results_file.is_file():
+    print(summary_table(json.loads(results_file.read_text())["results"]))
+  for label, path in (
+    ("gallery", runs / "infer" / "index.html"),
+    ("evaluation report", runs / "evaluate" / evaluate_shapes.REPORT),
+    ("accuracy vs guidance", runs / "evaluate" / evaluate_shapes.PLOT),
+    ("tokenizer reconstructions", runs / "tokenizer"),
+  ):
+    if path.exists():
+      print(f"{label}: {path}")
+
+
+def summary_table(results: dict) -> str:
+  """Faithfulness (all attributes right) by prompt kind, a column per (split, λ)."""
+  from parti.tasks.shapes import spec
+
+  def split_order(split: str) -> int:
+    return spec.SPLITS.index(split) if split in spec.SPLITS else len(spec.SPLITS)
+
+  scales = sorted(results, key=float)
+  columns = [
+    (split, scale) for scale in scales for split in sorted(results[scale], key=split_order)
+  ]
+  present = {kind for split, scale in columns for kind in results[scale][split]}
+  # The evaluator's order of prompt kinds (JSON may have sorted them), "overall" last.
+  kinds = [k for k in spec.KINDS if k in present] + sorted(present - {*spec.KINDS, "overall"})
+  kinds += ["overall"] if "overall" in present else []
+  header = "| prompt kind | " + " | ".join(f"{s} λ={g}" for s, g in columns) + " |"
+  lines = [header, "|---|" + "---|" * len(columns)]
+  for kind in kinds:
+    cells = []
+    for split, scale in columns:
+      table = results[scale][split].get(kind)
+      cells.append(f"{100 * table['all']:.0f}%" if table and "all" in table else "-")
+    lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  try:
+    run_demo(flags.FLAGS.runs_dir, flags.FLAGS.long, flags.FLAGS.stages)
+  except (ConfigError, RuntimeError) as error:
+    print(f"demo: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that parti.scaling can import this module.
+  flags.DEFINE_string("runs_dir", "runs/demo", "Where every stage writes.")
+  flags.DEFINE_bool("long", False, "The ~1 hour variant: longer training, better quality.")
+  flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
+  app.run(main)

@@ -1,0 +1,199 @@
+"""A scaling study at tiny scale: three Parti sizes on the same data, like the paper's 350M-20B.
+
+    python -m parti.scaling --demo_dir=runs/demo --runs_dir=runs/scaling
+
+Parti compares 350M, 750M, 3B and 20B models trained the same way on the same data;
+this trains three sizes (gin/scaling/parti_{small,base,large}.gin: widths 64, 128
+and 256) for the same steps on the demo's pre-encoded shapes, evaluates each with
+the shapes evaluator (gin/scaling/evaluate.gin), and writes RUNS_DIR/report.md (a
+table of parameters, held-out loss and faithfulness) and scaling.png (both against
+parameters). It reuses the demo's tokenizer and tokens, running the demo's first
+four stages into DEMO_DIR when they are missing. Every stage is the real job with its
+gin file, and a rerun skips finished stages, like the demo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pathlib
+import sys
+
+from absl import app, flags
+from PIL import Image, ImageDraw
+
+from parti import demo, files, metric_logging
+from parti.errors import ConfigError
+
+SIZES = ("small", "base", "large")
+REPORT = "report.md"
+PLOT = "scaling.png"
+
+
+def stages(demo_dir: pathlib.Path, runs: pathlib.Path) -> list[demo.Stage]:
+  """Train then evaluate each size."""
+  plan = []
+  for size in SIZES:
+    model_dir = runs / f"parti_{size}"
+    plan.append(
+      demo.Stage(
+        f"train_{size}", "parti.train", f"gin/scaling/parti_{size}.gin",
+        {"MODEL_DIR": str(model_dir), "PRE_ENCODED_DIR": str(demo_dir / "tokens")},
+      )
+    )  # fmt: skip
+    plan.append(
+      demo.Stage(
+        f"evaluate_{size}", "parti.evaluate_shapes", "gin/scaling/evaluate.gin",
+        {"CHECKPOINT_DIR": str(model_dir), "TOKENIZER_DIR": str(demo_dir / "tokenizer"),
+         "OUTPUT_DIR": str(runs / f"evaluate_{size}")},
+      )
+    )  # fmt: skip
+  return plan
+
+
+def parameter_count(model_dir: pathlib.Path) -> int:
+  """Parameters of a Parti run, from its saved config (no checkpoint read)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from parti.config import PartiConfig
+  from parti.model import Parti
+
+  config = PartiConfig.load(model_dir / "parti_config.json")
+  shapes = jax.eval_shape(
+    lambda: Parti(config).init(
+      jax.random.key(0),
+      jnp.ones((1, config.text_length), jnp.int32),
+      jnp.zeros((1, config.image_length), jnp.int32),
+    )["params"]
+  )
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
+
+
+def collect(runs: pathlib.Path) -> list[dict]:
+  """One row per finished size: parameters, held-out loss, faithfulness per split and λ."""
+  from parti import evaluate_shapes
+
+  rows = []
+  for size in SIZES:
+    model_dir, results_file = (
+      runs / f"parti_{size}",
+      runs / f"evaluate_{size}" / evaluate_shapes.REPORT_JSON,
+    )
+    if not results_file.is_file():
+      continue
+    losses = [m["eval/loss"] for _, m in sorted(metric_logging.read_metrics(model_dir).items())
+              if "eval/loss" in m]  # fmt: skip
+    results = json.loads(results_file.read_text())["results"]
+    rows.append(
+      {
+        "size": size,
+        "parameters": parameter_count(model_dir),
+        "eval_loss": losses[-1] if losses else float("nan"),
+        "faithfulness": {
+          f"{split} λ={scale}": table["overall"].get("all", 0.0)
+          for scale, by_split in results.items()
+          for split, table in by_split.items()
+        },
+      }
+    )
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  columns = list(rows[0]["faithfulness"]) if rows else []
+  lines = [
+    "# Scaling study (tiny scale)",
+    "",
+    "Three Parti sizes, the same steps on the same pre-encoded shapes; faithfulness is the",
+    "shapes evaluator's share of images with every attribute right.",
+    "",
+    "| size | parameters | held-out loss | " + " | ".join(columns) + " |",
+    "|---|---|---|" + "---|" * len(columns),
+  ]
+  for row in rows:
+    cells = " | ".join(f"{100 * row['faithfulness'][c]:.0f}%" for c in columns)
+    lines.append(
+      f"| {row['size']} | {row['parameters'] / 1e6:.2f}M | {row['eval_loss']:.3f} | {cells} |"
+    )
+  return "\n".join(lines) + f"\n\n![scaling]({PLOT})\n"
+
+
+def plot(rows: list[dict], width: int = 640, height: int = 300) -> bytes:
+  """Two panels against log parameters: held-out loss, and faithfulness per column."""
+  image = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(image)
+  xs = [math.log10(r["parameters"]) for r in rows]
+  low, high = min(xs), max(xs)
+  span = (high - low) or 1.0
+  colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+  panels = [("held-out loss", [[r["eval_loss"] for r in rows]], ["loss"])]
+  columns = list(rows[0]["faithfulness"])
+  panels.append(("faithfulness", [[r["faithfulness"][c] for r in rows] for c in columns], columns))
+  for index, (title, series, labels) in enumerate(panels):
+    left, right = 50 + index * width // 2, (index + 1) * width // 2 - 20
+    top, bottom = 30, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 8), f"{title} vs parameters", fill="black")
+    values = [v for s in series for v in s if math.isfinite(v)]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if title == "faithfulness":
+      lo, hi = 0.0, 1.0
+    hi = hi if hi > lo else lo + 1.0
+    draw.text((4, top - 4) if index == 0 else (left - 40, top - 4), f"{hi:.2f}", fill="black")
+    draw.text((4, bottom - 8) if index == 0 else (left - 40, bottom - 8), f"{lo:.2f}", fill="black")
+    for row, x in zip(rows, xs, strict=True):
+      px = left + (x - low) / span * (right - left)
+      draw.text((px - 14, bottom + 6), f"{row['parameters'] / 1e6:.1f}M", fill="black")
+    for number, (values_, label) in enumerate(zip(series, labels, strict=True)):
+      color = colors[number % len(colors)]
+      points = [
+        (left + (x - low) / span * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
+        for x, v in zip(xs, values_, strict=True)
+        if math.isfinite(v)
+      ]
+      if len(points) > 1:
+        draw.line(points, fill=color, width=2)
+      for px, py in points:
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+      if len(labels) > 1:
+        draw.text((left + 6, top + 6 + 12 * number), label, fill=color)
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def run_scaling(demo_dir: str, runs_dir: str) -> list[dict]:
+  """Runs (or resumes) the study; writes and returns its rows."""
+  demo_path, runs = pathlib.Path(demo_dir).absolute(), pathlib.Path(runs_dir).absolute()
+  runs.mkdir(parents=True, exist_ok=True)
+  prerequisites = ["data", "vocab", "tokenizer", "encode"]
+  demo_path.mkdir(parents=True, exist_ok=True)
+  demo.run_stages(demo_path, demo.stages(demo_path), only=prerequisites)
+  demo.run_stages(runs, stages(demo_path, runs))
+  rows = collect(runs)
+  if not rows:
+    raise ConfigError(f"No size of the study finished in {runs}.")
+  files.atomic_write_text(runs / REPORT, markdown(rows))
+  files.atomic_write_bytes(runs / PLOT, plot(rows))
+  files.atomic_write_json(runs / "scaling.json", rows)
+  print(markdown(rows))
+  print(f"report: {runs / REPORT}")
+  return rows
+
+
+def main(argv):
+  del argv
+  try:
+    run_scaling(flags.FLAGS.demo_dir, flags.FLAGS.runs_dir)
+  except (ConfigError, RuntimeError) as error:
+    print(f"scaling: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("demo_dir", "runs/demo", "The demo run whose tokens are reused.")
+  flags.DEFINE_string("runs_dir", "runs/scaling", "Where the three runs go.")
+  app.run(main)
