@@ -43,6 +43,22 @@ def test_shapes_and_dtypes(tiny):
   assert float(decoded.max()) <= 1.0
 
 
+def test_the_patch_size_codes_every_patch_on_its_own():
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch")
+  vqgan = model.VitVQGAN(config)
+  images = _images()
+  params = nn.meta.unbox(vqgan.init(jax.random.key(1), images)["params"])
+  raw, ids, _ = vqgan.apply({"params": params}, images)
+  changed = images.at[:, :8, :8].set(1.0 - images[:, :8, :8])  # The top-left patch only.
+  raw2, ids2, _ = vqgan.apply({"params": params}, changed)
+  np.testing.assert_array_equal(ids2[:, 1:], ids[:, 1:])
+  np.testing.assert_array_equal(ids2[:, 0, 1:], ids[:, 0, 1:])
+  if (ids2[:, 0, 0] == ids[:, 0, 0]).all():
+    np.testing.assert_array_equal(raw2, raw)
+  np.testing.assert_allclose(raw2[:, 8:], raw[:, 8:], atol=1e-6)
+  np.testing.assert_allclose(raw2[:, :, 8:], raw[:, :, 8:], atol=1e-6)
+
+
 def test_patchify_round_trip():
   x = _images(2, 16)
   np.testing.assert_array_equal(model.unpatchify(model.patchify(x, 4), 4, (4, 4)), x)

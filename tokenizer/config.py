@@ -24,6 +24,10 @@ class ViTSize:
 
 
 VIT_SIZES: dict[str, ViTSize] = {
+  # No attention blocks: each patch is encoded and decoded on its own (patch embedding,
+  # final norm, the tanh head). The CPU demo's tokenizer: at a few CPU minutes on the
+  # shapes the blocks cost 10x the step time and converge slower (bench/README.md).
+  "patch": ViTSize(num_layers=0, num_heads=4, dim=128, mlp_dim=512),
   "tiny": ViTSize(num_layers=2, num_heads=4, dim=128, mlp_dim=512),
   "small": ViTSize(num_layers=8, num_heads=8, dim=512, mlp_dim=2048),
   "base": ViTSize(num_layers=12, num_heads=12, dim=768, mlp_dim=3072),
