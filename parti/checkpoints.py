@@ -155,6 +155,39 @@ class Checkpointer:
         shutil.rmtree(child, ignore_errors=True)
 
 
+def restore_train_state(checkpointer: Checkpointer, state, shardings, input_iterator=None):
+  """(state, step, meta): a training job's latest checkpoint, or `state` at step 0.
+
+  Jobs save their state (a flax struct with a `params` field) as two items, the
+  parameters alone and the rest beside them (`save_train_state`), so that other
+  jobs read the parameters without the optimizer (`restore_params`).
+  """
+  from parti import partitioning
+
+  abstract = partitioning.abstract_with_shardings(state, shardings)
+  restored = checkpointer.restore(
+    {"params": abstract.params, "train": abstract.replace(params=None)},
+    input_iterator=input_iterator,
+  )
+  if not restored:
+    return state, 0, {}
+  step, items, meta = restored
+  logging.info("Resuming from step %d.", step)
+  return items["train"].replace(params=items["params"]), step, meta
+
+
+def save_train_state(
+  checkpointer: Checkpointer, step: int, state, meta=None, input_iterator=None
+) -> None:
+  """Saves a training job's state as `restore_train_state` reads it."""
+  checkpointer.save(
+    step,
+    {"params": state.params, "train": state.replace(params=None)},
+    meta=meta,
+    input_iterator=input_iterator,
+  )
+
+
 def restore_params(model_dir: str | pathlib.Path, abstract_params, step: int | None = None):
   """(step, parameters) of another run's checkpoint (default: its latest that restores).
 

@@ -232,21 +232,14 @@ def train(
     model_dir, keep=keep_checkpoints, save_every=checkpoint_every
   )
   best = checkpoints.Checkpointer(model_dir, keep=1, save_every=1, subdir=BEST_DIR)
-  abstract = partitioning.abstract_with_shardings(state, state_shardings)
-  restored = checkpointer.restore(
-    {"params": abstract.params, "train": abstract.replace(params=None)},
-    input_iterator=train_iterator,
+  state, start, meta = checkpoints.restore_train_state(
+    checkpointer, state, state_shardings, train_iterator
   )
-  best_loss = float("inf")
-  if restored:
-    start, items, meta = restored
-    state = items["train"].replace(params=items["params"])
-    best_loss = float(meta.get("best_eval_loss", best_loss))
-    logging.info("Resuming from step %d.", start)
-  else:
-    start = 0
+  best_loss = float(meta.get("best_eval_loss", float("inf")))
+  if not start:
     if init_from:
-      state = state.replace(params=_initial_params(init_from, abstract.params))
+      abstract = partitioning.abstract_with_shardings(state.params, state_shardings.params)
+      state = state.replace(params=_initial_params(init_from, abstract))
     if jax.process_index() == 0:
       model_dir.mkdir(parents=True, exist_ok=True)
       model.save(model_dir / CONFIG_FILE)
@@ -347,11 +340,8 @@ def train(
             writer.images(step, {"samples": sheet})
         if checkpointer.should_save(step) or step == num_steps or preemption.requested:
           paused = True
-          checkpointer.save(
-            step,
-            {"params": state.params, "train": state.replace(params=None)},
-            meta={"best_eval_loss": best_loss},
-            input_iterator=train_iterator,
+          checkpoints.save_train_state(
+            checkpointer, step, state, {"best_eval_loss": best_loss}, train_iterator
           )
         if preemption.requested:
           logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)

@@ -301,19 +301,11 @@ def train(
   checkpointer = checkpoints.Checkpointer(
     model_dir, keep=keep_checkpoints, save_every=checkpoint_every
   )
-  abstract = partitioning.abstract_with_shardings(state, state_shardings)
-  restored = checkpointer.restore(
-    {"params": abstract.params, "train": abstract.replace(params=None)},
-    input_iterator=train_iterator,
+  state, start, _ = checkpoints.restore_train_state(
+    checkpointer, state, state_shardings, train_iterator
   )
-  if restored:
-    start, items, _ = restored
-    state = items["train"].replace(params=items["params"])
-    logging.info("Resuming from step %d.", start)
-  else:
-    start = 0
-    if jax.process_index() == 0:
-      config.save(model_dir / CONFIG_FILE)
+  if not start and jax.process_index() == 0:
+    config.save(model_dir / CONFIG_FILE)
   gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
 
   batch_sharding = partitioning.logical_sharding(device_mesh, ("batch", None, None, None), rules)
@@ -398,11 +390,7 @@ def train(
       if step % eval_every == 0 or step == num_steps:
         result = evaluate(step)
       if checkpointer.should_save(step) or step == num_steps or preemption.requested:
-        checkpointer.save(
-          step,
-          {"params": state.params, "train": state.replace(params=None)},
-          input_iterator=train_iterator,
-        )
+        checkpoints.save_train_state(checkpointer, step, state, input_iterator=train_iterator)
       if preemption.requested:
         logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
         break
