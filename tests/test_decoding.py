@@ -109,13 +109,13 @@ def test_unstacked_layers_compute_what_the_scanned_ones_do(params_and_text):
 
 def test_kth_largest_equals_lax_top_k_with_ties_infinities_and_negatives():
   rng = np.random.default_rng(0)
-  for trial in range(60):
-    n = int(rng.integers(2, 600))
+  for trial in range(16):  # Each (n, k) compiles anew.
+    n = int(rng.choice([2, 37, 512]))
     k = int(rng.integers(1, n + 1))
     x = rng.normal(size=(3, n)).astype(np.float32) * rng.choice([1e-3, 1.0, 1e4])
     if trial % 3 == 0:
       x = np.round(x)  # Ties.
-    if trial % 4 == 0:
+    if trial % 4 == 1:
       x[:, : n // 3] = -np.inf  # Masked logits.
     if trial % 5 == 0:
       x = -np.abs(x)  # All negative.
