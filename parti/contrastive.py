@@ -27,6 +27,7 @@ from flax import linen as nn
 
 from parti import layers
 from parti.errors import ConfigError
+from parti.tokenizer.model import l2_normalize, patchify
 
 CONFIG_FILE = "contrastive_config.json"
 _EMBED_INIT = nn.initializers.normal(0.02)
@@ -110,17 +111,6 @@ class ContrastiveConfig:
     return cls(**raw)
 
 
-def _patchify(images: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], row-major patches."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
-
-
 class DualEncoder(nn.Module):
   """Text and image towers into one l2-normalized embedding space, and the logit scale."""
 
@@ -139,7 +129,7 @@ class DualEncoder(nn.Module):
     projection = layers.dense(
       self.config.embed_dim, ("embed", "mlp"), self.config.dtype, name=f"{name}_projection"
     )
-    return _normalize(projection(pooled).astype(jnp.float32))
+    return l2_normalize(projection(pooled).astype(jnp.float32))
 
   @nn.compact
   def encode_text(self, tokens: jax.Array) -> jax.Array:
@@ -175,7 +165,7 @@ class DualEncoder(nn.Module):
         images, (images.shape[0], cfg.image_size, cfg.image_size, 3), "bilinear"
       )
     x = layers.dense(cfg.width, (None, "embed"), cfg.dtype, use_bias=True, name="patch_embedding")(
-      _patchify(images * 2.0 - 1.0, cfg.patch_size)
+      patchify(images * 2.0 - 1.0, cfg.patch_size)
     )
     x = x.astype(jnp.float32) + layers.sincos_2d(cfg.grid, cfg.grid, cfg.width)[None]
     x = self._blocks(x, None, "image")

@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
@@ -48,6 +48,7 @@ class Stage:
   gin_file: str
   bindings: dict[str, str]
   has_long_variant: bool = False
+  after: Callable[[], None] | None = None  # A check run once the job succeeds.
 
   def command(self, long: bool) -> list[str]:
     gin_file = self.gin_file
@@ -67,7 +68,10 @@ def stages(runs: pathlib.Path) -> list[Stage]:
   tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
   return [
     Stage("data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)}),
-    Stage("vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")}),
+    Stage(
+      "vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")},
+      after=lambda: _compare_vocabulary(runs / "vocab" / "parti_shapes.model"),
+    ),
     Stage(
       "tokenizer", "parti.tokenizer.train", "gin/demo/tokenizer.gin",
       {"MODEL_DIR": str(tokenizer), "TFDS_DATA_DIR": str(tfds)}, has_long_variant=True,
@@ -162,8 +166,8 @@ def run_stages(
         "and rerun: finished stages are skipped and this one resumes.\n" + "\n".join(tail)
       )
     seconds[stage.name] = time.perf_counter() - stage_start
-    if stage.name == "vocab":
-      _compare_vocabulary(runs / "vocab" / "parti_shapes.model")
+    if stage.after:
+      stage.after()
     files.atomic_write_json(done, {"seconds": seconds[stage.name], "command": command})
     print(
       f"    {stage.name} took {metric_logging.format_duration(seconds[stage.name])}", flush=True

@@ -221,24 +221,17 @@ def _clip_score(readable, paths, prompts, reranker_dir, vocabulary, batch_size) 
 
   reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   prompt_of = dict(zip(paths, prompts, strict=True))
-  scores = []
-  for start in range(0, len(readable), batch_size):
-    chunk = readable[start : start + batch_size]
-    for group in _same_shape_groups(chunk):
-      cosine = reranker.score(np.stack([im for _, im in group]), [prompt_of[p] for p, _ in group])
-      scores.extend(np.asarray(contrastive.clip_score(cosine)).tolist())
+  texts = [prompt_of[path] for path, _ in readable]
+  scores, done = [], 0
+  for batch in same_size_batches((image for _, image in readable), batch_size):
+    cosine = reranker.score(batch, texts[done : done + len(batch)])
+    done += len(batch)
+    scores.extend(np.asarray(contrastive.clip_score(cosine)).tolist())
   return {
     "clip_score": float(np.mean(scores)),
     "reranker": str(reranker_dir),
     "reranker_step": reranker.step,
   }
-
-
-def _same_shape_groups(pairs):
-  groups: dict[tuple, list] = {}
-  for path, image in pairs:
-    groups.setdefault(image.shape, []).append((path, image))
-  return groups.values()
 
 
 def _markdown(metrics: dict) -> str:
