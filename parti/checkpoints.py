@@ -55,7 +55,17 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+        # Orbax names a barrier by its purpose alone ("...:set_value_start"), so two
+        # managers finishing saves at once (a training job's latest and best
+        # checkpoints) would wait at one barrier twice. The coordination service
+        # refuses that ("already ongoing") and a multi-host job hangs until the
+        # barrier times out. The folder, the same on every host, keeps them apart.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=str(self.directory)
+        ),
       ),
     )
 

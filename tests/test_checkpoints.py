@@ -1,0 +1,92 @@
+"""Checkpointer on several hosts: two checkpointers of one job saving at once."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Each host saves a sharded array to two checkpointers (a training job's latest and
+# best) at every step, without waiting in between. The array (8 MiB) is big enough
+# that one checkpointer's background commit is still running when the other's starts.
+# Host 0 also waits on one of them, as `Checkpointer.save` does when it prunes the
+# input states, so the hosts' threads run out of step.
+_HOST = textwrap.dedent(
+  """
+  import sys
+
+  import jax
+  import numpy as np
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+
+  from parti import checkpoints
+
+  latest = checkpoints.Checkpointer(sys.argv[3], keep=2, save_every=1)
+  best = checkpoints.Checkpointer(sys.argv[3], keep=1, save_every=1, subdir="best")
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  for step in range(1, 13):
+    array = jax.device_put(np.full((2048, 1024), step, np.float32), sharding)
+    latest.save(step, {"state": {"x": array}})
+    best.save(step, {"state": {"x": array}})
+    if jax.process_index() == 0:
+      latest.wait()
+  latest.close()
+  best.close()
+  abstract = {"x": jax.ShapeDtypeStruct((2048, 1024), np.float32, sharding=sharding)}
+  step, items, _ = latest.restore({"state": abstract})
+  print("restored", step, float(items["state"]["x"].addressable_data(0)[0, 0]), flush=True)
+  """
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_checkpointers_save_at_once_on_two_hosts(tmp_path):
+  # Orbax names its barriers by purpose; without a per-checkpointer prefix the two
+  # checkpointers' commits met at one barrier name, which the coordination service
+  # refuses, and the job hung for orbax's 300 s barrier timeout.
+  script = tmp_path / "host.py"
+  script.write_text(_HOST)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+  address = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"host{index}.log" for index in range(2)]
+  hosts = []
+  for index, log in enumerate(logs):
+    with log.open("w") as sink:  # The child keeps its own copy of the descriptor.
+      hosts.append(
+        subprocess.Popen(
+          [sys.executable, str(script), address, str(index), str(tmp_path / "run")],
+          env=env,
+          stdout=sink,
+          stderr=subprocess.STDOUT,
+        )
+      )
+  try:
+    for host in hosts:
+      host.wait(timeout=120)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"the hosts hung saving; host 0 printed:\n{logs[0].read_text()[-3000:]}")
+  finally:
+    for host in hosts:
+      host.kill()
+  for index, (host, log) in enumerate(zip(hosts, logs, strict=True)):
+    output = log.read_text()
+    assert host.returncode == 0, f"host {index} failed:\n{output[-3000:]}"
+    assert "restored 12 12.0" in output, output[-3000:]
+  assert sorted(
+    p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()
+  ) == [
+    "11",
+    "12",
+  ]
