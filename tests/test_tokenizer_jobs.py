@@ -74,6 +74,44 @@ def test_losses_decrease_on_a_fixed_batch():
   assert totals[-1] < 0.5 * totals[0], totals
 
 
+def test_dead_codes_restart_where_the_codebook_serves_worst():
+  # Flat images with one noisy patch; the live codes sit on the flat patches'
+  # encodings. A uniform pick would put most restarted codes there too (they would
+  # die again); seeding by distance puts them all on the one patch no code serves.
+  from flax import linen as nn
+
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch")
+  trainer = train.Trainer(
+    config,
+    losses.LossWeights(perceptual=0.0, adversarial=0.0),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
+    8,
+    None,
+  )
+  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
+  images = np.full((2, 32, 32, 3), 0.5, np.float32)
+  images[1, 8:16, 16:24] = np.random.default_rng(0).uniform(size=(8, 8, 3))
+  encode = lambda p, x: trainer.model.apply({"params": p}, x, method=lambda m, y: m.encoder(y))  # noqa: E731
+  z = np.asarray(encode(state.params, images)).reshape(-1, config.code_dim)
+  noisy = z[16 + 6]  # Image 1's token at row 1, column 2.
+  # The live codes are exactly the flat image's encodings (they differ by position).
+  codebook = np.tile(z[:16], (config.codebook_size // 16, 1))
+  params = {**state.params, "quantizer": {"codebook": jax.numpy.asarray(codebook)}}
+  counts = np.ones(config.codebook_size, np.int32)
+  counts[:10] = 0
+  state = state.replace(params=params, code_counts=jax.numpy.asarray(counts))
+
+  state, restarted = jax.jit(trainer.restart_dead_codes)(state, images, jax.random.key(1))
+
+  assert int(restarted) == 10
+  codes = np.asarray(state.params["quantizer"]["codebook"])
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(unit(codes[:10]), np.tile(unit(noisy), (10, 1)), atol=1e-5)
+  np.testing.assert_array_equal(codes[10:], codebook[10:])
+  assert not np.asarray(state.code_counts).any()
+
+
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, shapes_task_name):
   _train(tmp_path, shapes_task_name + "_images", num_steps=4)
   _train(tmp_path, shapes_task_name + "_images", num_steps=6)

@@ -150,10 +150,25 @@ class Trainer:
     return loss
 
   def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
-    """Moves codes unused since the last restart onto random current encoder outputs."""
-    z = self.model.apply({"params": state.params}, images, method=lambda m, x: m.encoder(x))
-    z = z.reshape(-1, z.shape[-1])
-    picks = jax.random.randint(rng, (self.config.codebook_size,), 0, z.shape[0])
+    """Moves codes unused since the last restart onto current encoder outputs.
+
+    Outputs are drawn with probability proportional to their squared distance to the
+    nearest code (k-means++ seeding), not uniformly: in images that are mostly flat
+    background, uniform picks land on patches the codebook already serves and the
+    restarted codes die again, while the rarer edge patches stay coarsely coded.
+    """
+
+    def encode(module, x):
+      z = module.encoder(x).reshape(-1, self.config.code_dim)
+      if self.config.l2_normalize:
+        z = model.l2_normalize(z)
+      codes = module.quantizer.codes()
+      squared = jnp.sum(z * z, -1, keepdims=True) - 2 * z @ codes.T + jnp.sum(codes**2, -1)
+      return z, jnp.min(squared, axis=-1)
+
+    z, distance = self.model.apply({"params": state.params}, images, method=encode)
+    logits = jnp.log(jnp.maximum(distance, 1e-12))
+    picks = jax.random.categorical(rng, logits, shape=(self.config.codebook_size,))
     dead = state.code_counts == 0
     codebook = state.params["quantizer"]["codebook"]
     codebook = jnp.where(dead[:, None], z[picks], codebook)
