@@ -55,13 +55,15 @@ def main(argv):
     scene = scenes.from_example(example)
     if evaluate.score(example["image"], scene)["all"]:
       truth.append(scene)
-      rebuilt.append(evaluate.score((image * 255 + 0.5).astype(np.uint8), scene)["all"])
-  kept = float(np.mean(rebuilt)) if rebuilt else float("nan")
+      rebuilt.append((scene.kind, evaluate.score((image * 255 + 0.5).astype(np.uint8), scene)))
+  kept = float(np.mean([scores["all"] for _, scores in rebuilt])) if rebuilt else float("nan")
   print(f"model_dir {pathlib.Path(_MODEL_DIR.value).absolute()} (step {tokenizer.step})")
   print(f"training wall time      {seconds / 60:.1f} min (this run; 0 if it only resumed)")
   print(f"held-out PSNR           {psnr:.2f} dB over {len(images)} test images")
   print(f"codebook usage          {usage:.1%} of {tokenizer.codebook_size} codes")
   print(f"evaluator on recon.     {kept:.1%} of {len(truth)} correctly scored ground-truth scenes")
+  print("per attribute, on the reconstructions of those scenes:")
+  print(evaluate.format_table(evaluate.aggregate(rebuilt)))
 
 
 if __name__ == "__main__":
