@@ -49,7 +49,7 @@ def _fake_outputs(runs, size, width, loss, accuracy):
   out.mkdir()
   results = {
     scale: {
-      split: {"overall": {"all": accuracy * factor, "prompts": 64}}
+      split: {"overall": {"all": accuracy * factor, "shape": accuracy / 2, "prompts": 64}}
       for split in ("test", "compositional")
     }
     for scale, factor in (("1.0", 0.5), ("2.0", 1.0))
@@ -86,6 +86,8 @@ def test_the_study_runs_every_stage_and_reports_each_size(tmp_path, monkeypatch,
   assert [r["eval_loss"] for r in rows] == [2.0, 1.5, 1.2]  # The last evaluation.
   report = (runs / scaling.REPORT).read_text()
   assert "| large |" in report and "| 60% | 60% |" in report
+  # Each attribute alone, at the smallest λ on the test split.
+  assert "Each attribute alone (test λ=1.0)" in report and "| large | 30% |" in report
   assert Image.open(runs / scaling.PLOT).size == (640, 300)
   # A rerun skips every finished stage.
   commands.clear()
