@@ -91,8 +91,9 @@ def collect(runs: pathlib.Path) -> list[dict]:
     results = json.loads(results_file.read_text())["results"]
     # Per attribute at the smallest λ on the test split: at small budgets "all
     # attributes right" is near zero for every size and hides the trend.
-    lowest = results[min(results, key=float)]
-    overall = lowest.get("test", next(iter(lowest.values())))["overall"]
+    scale = min(results, key=float)
+    split = "test" if "test" in results[scale] else next(iter(results[scale]))
+    overall = results[scale][split]["overall"]
     rows.append(
       {
         "size": size,
@@ -104,7 +105,7 @@ def collect(runs: pathlib.Path) -> list[dict]:
           for split, table in by_split.items()
         },
         "attributes": {a: overall[a] for a in ATTRIBUTES if a in overall},
-        "attributes_at": f"test λ={min(results, key=float)}",
+        "attributes_at": f"{split} λ={scale}",
       }
     )
   return rows
@@ -150,8 +151,14 @@ def plot(rows: list[dict], width: int = 640, height: int = 300) -> bytes:
   span = (high - low) or 1.0
   colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
   panels = [("held-out loss", [[r["eval_loss"] for r in rows]], ["loss"])]
-  columns = list(rows[0]["faithfulness"])
-  panels.append(("faithfulness", [[r["faithfulness"][c] for r in rows] for c in columns], columns))
+  # Each attribute and all of them together, at one λ on one split (`collect`).
+  at = rows[0]["attributes_at"]
+  columns = [a for a in ATTRIBUTES if all(a in r["attributes"] for r in rows)]
+  series = [[r["attributes"][a] for r in rows] for a in columns]
+  series.append([r["faithfulness"].get(at, 0.0) for r in rows])
+  # The default bitmap font has no λ.
+  title = f"faithfulness ({at.replace('λ=', 'guidance ')})"
+  panels.append((title, series, [*columns, "all"]))
   for index, (title, series, labels) in enumerate(panels):
     left, right = 50 + index * width // 2, (index + 1) * width // 2 - 20
     top, bottom = 30, height - 40
@@ -159,7 +166,7 @@ def plot(rows: list[dict], width: int = 640, height: int = 300) -> bytes:
     draw.text((left, 8), f"{title} vs parameters", fill="black")
     values = [v for s in series for v in s if math.isfinite(v)]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    if title == "faithfulness":
+    if title.startswith("faithfulness"):
       lo, hi = 0.0, 1.0
     hi = hi if hi > lo else lo + 1.0
     draw.text((4, top - 4) if index == 0 else (left - 40, top - 4), f"{hi:.2f}", fill="black")
