@@ -91,9 +91,9 @@ def collect(runs: pathlib.Path) -> list[dict]:
     results = json.loads(results_file.read_text())["results"]
     # Per attribute at the smallest λ on the test split: at small budgets "all
     # attributes right" is near zero for every size and hides the trend.
-    scale = min(results, key=float)
-    split = "test" if "test" in results[scale] else next(iter(results[scale]))
-    overall = results[scale][split]["overall"]
+    lowest = min(results, key=float)
+    split_shown = "test" if "test" in results[lowest] else next(iter(results[lowest]))
+    overall = results[lowest][split_shown]["overall"]
     rows.append(
       {
         "size": size,
@@ -105,7 +105,7 @@ def collect(runs: pathlib.Path) -> list[dict]:
           for split, table in by_split.items()
         },
         "attributes": {a: overall[a] for a in ATTRIBUTES if a in overall},
-        "attributes_at": f"{split} λ={scale}",
+        "attributes_at": f"{split_shown} λ={lowest}",
       }
     )
   return rows

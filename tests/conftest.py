@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -102,6 +103,13 @@ def shapes_tfds(tmp_path_factory):
   shapes = builder.PartiShapes(config=config, data_dir=data_dir)
   shapes.download_and_prepare()
   return shapes, data_dir
+
+
+def coordinator_address() -> str:
+  """A free local host:port for the coordinator of a test's multi-process job."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def tiny_tokenizer_config(**overrides):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import coordinator_address
 
 # Each host saves a sharded array to two checkpointers (a training job's latest and
 # best) at every step, without waiting in between. The array (8 MiB) is big enough
@@ -46,12 +46,6 @@ _HOST = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_checkpointers_save_at_once_on_two_hosts(tmp_path):
   # Orbax names its barriers by purpose; without a per-checkpointer prefix the two
   # checkpointers' commits met at one barrier name, which the coordination service
@@ -59,7 +53,7 @@ def test_two_checkpointers_save_at_once_on_two_hosts(tmp_path):
   script = tmp_path / "host.py"
   script.write_text(_HOST)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-  address = f"127.0.0.1:{_free_port()}"
+  address = coordinator_address()
   logs = [tmp_path / f"host{index}.log" for index in range(2)]
   hosts = []
   for index, log in enumerate(logs):

@@ -7,13 +7,13 @@ import dataclasses
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 
 import gin
 import numpy as np
 import pytest
+from conftest import coordinator_address
 from PIL import Image
 
 from parti import gin_utils, metric_logging, optim, partitioning
@@ -264,12 +264,6 @@ def _as_gin(args: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_dir):
   # Unshuffled and without guidance dropout (which depends on an example's place in
   # the global batch), two hosts see the same global batches as one: each reads
@@ -297,7 +291,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
   )
   (tmp_path / "two.gin").write_text(_as_gin(args))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-  address = f"127.0.0.1:{_free_port()}"
+  address = coordinator_address()
   hosts = [
     subprocess.Popen(
       [

@@ -160,11 +160,10 @@ class Trainer:
 
     def encode(module, x):
       z = module.encoder(x).reshape(-1, self.config.code_dim)
+      nearest = module.quantizer.embed(module.quantizer.lookup(z))
       if self.config.l2_normalize:
         z = model.l2_normalize(z)
-      codes = module.quantizer.codes()
-      squared = jnp.sum(z * z, -1, keepdims=True) - 2 * z @ codes.T + jnp.sum(codes**2, -1)
-      return z, jnp.min(squared, axis=-1)
+      return z, jnp.sum((z - nearest) ** 2, axis=-1)
 
     z, distance = self.model.apply({"params": state.params}, images, method=encode)
     logits = jnp.log(jnp.maximum(distance, 1e-12))
