@@ -17,6 +17,7 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 14px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; }
 .card img { width: 100%; image-rendering: pixelated; display: block; margin-bottom: 4px; }
+.card img.given { outline: 2px dashed #888; }
 .row { display: flex; gap: 4px; }
 .prompt { font-size: 0.9em; margin: 6px 0 2px; }
 .meta { font-size: 0.75em; color: #777; }
@@ -29,9 +30,13 @@ def write_gallery(
   """Writes the page: one card per manifest entry (prompt, files, category, challenge, scores)."""
   cards = []
   for entry in entries:
+    # For image completion, the given image's kept rows come first, outlined.
+    prefix = entry.get("prefix_file")
     images = "".join(
-      f'<img src="{html.escape(name)}" alt="{html.escape(entry["prompt"])}" loading="lazy">'
-      for name in entry["files"]
+      f'<img src="{html.escape(name)}" alt="{html.escape(entry["prompt"])}" loading="lazy"'
+      + (' class="given" title="the given rows"' if name == prefix else "")
+      + ">"
+      for name in ([prefix] if prefix else []) + list(entry["files"])
     )
     meta = " · ".join(
       html.escape(str(value)) for value in (entry.get("category"), entry.get("challenge")) if value

@@ -6,6 +6,7 @@
 OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
 
   images/NNNNN_K.png    its K best samples of `samples` drawn, written atomically
+  images/NNNNN_prefix.png  for image completion, the given image's rows that were kept
   manifest-HHHHH.jsonl  one line per finished prompt, per host: the prompt, its
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
@@ -18,7 +19,10 @@ loses nothing it finished; a rerun with other options or another checkpoint is
 refused rather than mixed in. Prompts are spread over every device and host
 (each host feeds its slice of each batch); the last batch is padded. Each
 prompt's seed is derived from its text, so its images do not depend on its
-place in the list or in a batch. Samples are ranked by a contrastive
+place in the list or in a batch. Requests from a .jsonl file may set their own
+seed and guidance scale, and with `SamplingOptions.prefix_rows` > 0 each names an
+image whose top rows, encoded by the tokenizer, the model continues downward
+(image completion). Samples are ranked by a contrastive
 reranker's image-prompt similarity when `reranker_dir` names a
 `parti.train_contrastive` run (its CLIP-style score goes in the manifest and the
 report), else by their log-likelihood under the guided model.
@@ -78,6 +82,8 @@ class SamplingOptions:
     samples: images drawn per prompt.
     keep: the best of them kept (by score).
     seed: the run's seed; each prompt's is derived from it and the prompt's text.
+    prefix_rows: image completion: rows of each request's image (in tokenizer grid
+      rows) kept as they are and continued downward (0: generate whole images).
   """
 
   guidance_scale: float = 1.2
@@ -87,17 +93,25 @@ class SamplingOptions:
   samples: int = 1
   keep: int = 1
   seed: int = 0
+  prefix_rows: int = 0
 
   def __post_init__(self):
     if not 1 <= self.keep <= self.samples:
       raise ConfigError(f"Keep 1 to `samples` ({self.samples}) images per prompt, not {self.keep}.")
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.prefix_rows < 0:
       raise ConfigError(f"Bad sampling options: {self}.")
 
 
-def prompt_seed(seed: int, text: str) -> int:
-  """A prompt's seed: a stable hash of the run's seed and the prompt's text."""
-  return zlib.crc32(f"{seed}:{text}".encode()) & 0x7FFFFFFF
+def prompt_seed(seed: int, prompt: Prompt) -> int:
+  """A request's seed: its own, else a stable hash of the run's seed and its text."""
+  if prompt.seed is not None:
+    return prompt.seed
+  return zlib.crc32(f"{seed}:{prompt.text}".encode()) & 0x7FFFFFFF
+
+
+def guidance_scale(options: SamplingOptions, prompt: Prompt) -> float:
+  """A request's guidance scale: its own, else the run's."""
+  return options.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
 
 
 # --- Loading --------------------------------------------------------------------------------------
@@ -140,7 +154,8 @@ def load_tokenizer(tokenizer_dir: str, config: PartiConfig, mesh):
 
 
 def finished_prompts(output_dir: pathlib.Path) -> dict[str, dict]:
-  """prompt text -> its manifest entry, for prompts whose files all exist (any host's)."""
+  """request key (`Prompt.key`) -> its manifest entry, for requests whose files all exist
+  (any host's)."""
   done = {}
   for manifest in sorted(output_dir.glob("manifest-*.jsonl")):
     for line in manifest.read_text(encoding="utf-8").splitlines():
@@ -149,7 +164,7 @@ def finished_prompts(output_dir: pathlib.Path) -> dict[str, dict]:
       except json.JSONDecodeError:
         continue  # A line torn by a kill: that prompt is generated again.
       if all((output_dir / name).is_file() for name in entry.get("files", [])):
-        done[entry["prompt"]] = entry
+        done[entry.get("request", entry["prompt"])] = entry
   return done
 
 
@@ -244,12 +259,16 @@ def infer(
   gin_utils.write_operative_config(out if jax.process_index() == 0 else None)
 
   done = finished_prompts(out)
-  todo = [(i, p) for i, p in enumerate(all_prompts) if p.text not in done]
+  todo = [(i, p) for i, p in enumerate(all_prompts) if p.key not in done]
   logging.info(
     "%d prompts: %d already done in %s, %d to generate.",
     len(all_prompts), len(all_prompts) - len(todo), out, len(todo),
   )  # fmt: skip
-  generate = make_generator(config, tok_config, options, device_mesh, rules, param_shardings)
+  prefixes = prefix_tokens(todo, options, tok_config, tok_params, out)
+  per_request_scales = any(p.guidance_scale is not None for p in all_prompts)
+  generate = make_generator(
+    config, tok_config, options, device_mesh, rules, param_shardings, per_request_scales
+  )
   manifest = out / f"manifest-{jax.process_index():05d}.jsonl"
   per_host = batch_size // jax.process_count()
   num_batches = -(-len(todo) // batch_size)
@@ -258,7 +277,7 @@ def infer(
   for number in range(num_batches):
     batch = todo[number * batch_size : (number + 1) * batch_size]
     mine = batch[jax.process_index() * per_host : (jax.process_index() + 1) * per_host]
-    inputs = host_inputs(mine or batch[-1:], per_host, encoder, options)
+    inputs = host_inputs(mine or batch[-1:], per_host, encoder, options, prefixes)
     images, log_likelihoods = generate(params, tok_params, *inputs)
     images, log_likelihoods = images[: len(mine)], log_likelihoods[: len(mine)]
     similarities = None
@@ -282,26 +301,102 @@ def infer(
   return written
 
 
-def host_inputs(mine: Sequence[tuple[int, Prompt]], per_host: int, encoder, options):
-  """This host's rows: text [per_host * samples, T], seeds [rows, 2]; padding rows repeat
-  the last prompt (their outputs are dropped). A host with no prompt left in the last
-  batch is given one of another host's, to pad with."""
+def prefix_tokens(
+  todo: Sequence[tuple[int, Prompt]], options: SamplingOptions, tok_config, tok_params, out
+) -> dict[int, np.ndarray] | None:
+  """Image completion: prompt index -> the top `prefix_rows` rows of its image's codes.
+
+  Each image is read, resized and center-cropped to the tokenizer's size, encoded,
+  and its kept rows written (over a faded rest) to images/NNNNN_prefix.png for the
+  gallery. Every image is read before anything is generated, so a missing or
+  unreadable one is refused up front, named, rather than hours into a run.
+  """
+  with_image = [p for _, p in todo if p.image]
+  if not options.prefix_rows:
+    if with_image:
+      raise ConfigError(
+        f"{with_image[0].source} names an image to complete, but SamplingOptions.prefix_rows "
+        "is 0: set it to the rows of each image to keep."
+      )
+    return None
+  rows = tok_config.grid[0]
+  if options.prefix_rows >= rows:
+    raise ConfigError(f"prefix_rows {options.prefix_rows} leaves nothing of a {rows}-row grid.")
+  missing = [p.source for _, p in todo if not p.image]
+  if missing:
+    raise ConfigError(
+      f"With prefix_rows set, every request needs an 'image' (a .jsonl request file); "
+      f"{len(missing)} have none, first {missing[:3]}."
+    )
+  from parti.tasks import records
+  from parti.tokenizer.api import ImageTokenizer
+
+  images, bad = {}, []
+  for index, prompt in todo:
+    path = pathlib.Path(prompt.image)
+    try:
+      image = records.decode_image(path.read_bytes())
+      images[index] = records.resize_and_crop(image, tok_config.image_size)
+    except (OSError, records.BadRecord) as error:
+      bad.append(f"{path} ({prompt.source}): {error}")
+  if bad:
+    raise ConfigError(f"{len(bad)} images to complete cannot be read: " + "; ".join(bad[:5]))
+  tokenizer = ImageTokenizer(tok_config, jax.device_get(tok_params))
+  known = options.prefix_rows * tok_config.grid[1]
+  kept_pixels = options.prefix_rows * tok_config.patch_size
+  prefixes = {}
+  for index, image in images.items():
+    prefixes[index] = tokenizer.encode(image[None])[0].reshape(-1)[:known]
+    if jax.process_index() == 0:
+      shown = image.astype(np.float32) / 255.0
+      shown[kept_pixels:] = 0.75 + 0.25 * shown[kept_pixels:]  # The rows to generate, faded.
+      files.atomic_write_bytes(out / _prefix_name(index), _png(shown))
+  return prefixes
+
+
+def _prefix_name(index: int) -> str:
+  return f"images/{index:05d}_prefix.png"
+
+
+def host_inputs(
+  mine: Sequence[tuple[int, Prompt]],
+  per_host: int,
+  encoder,
+  options: SamplingOptions,
+  prefixes: dict[int, np.ndarray] | None = None,
+):
+  """This host's rows (per_host * samples): text [rows, T], seeds [rows, 2], guidance
+  scales [rows] and image prefixes [rows, k] (k = 0 without completion). Padding rows
+  repeat the last prompt (their outputs are dropped); a host with no prompt left in
+  the last batch is given one of another host's, to pad with."""
   padded = list(mine) + [mine[-1]] * (per_host - len(mine))
-  text = np.stack([encoder.encode(p) for _, p in padded for _ in range(options.samples)])
-  seeds = np.array(
-    [
-      (prompt_seed(options.seed, p.text), sample)
-      for _, p in padded
-      for sample in range(options.samples)
-    ],
-    np.int32,
+  rows = [(index, p, sample) for index, p in padded for sample in range(options.samples)]
+  text = np.stack([encoder.encode(p) for _, p, _ in rows])
+  seeds = np.array([(prompt_seed(options.seed, p), sample) for _, p, sample in rows], np.int32)
+  scales = np.array([guidance_scale(options, p) for _, p, _ in rows], np.float32)
+  prefix = (
+    np.stack([prefixes[index] for index, _, _ in rows]).astype(np.int32)
+    if prefixes
+    else np.zeros((len(rows), 0), np.int32)
   )
-  return text, seeds
+  return text, seeds, scales, prefix
 
 
-def make_generator(config, tok_config, options: SamplingOptions, mesh, rules, param_shardings):
-  """The jitted sampler and tokenizer decoder, shared by inference and evaluation: a function of (params, tokenizer params, host text, host seeds) -> this host's
-  (images [prompts, samples, H, W, 3], scores [prompts, samples]) as numpy."""
+def make_generator(
+  config,
+  tok_config,
+  options: SamplingOptions,
+  mesh,
+  rules,
+  param_shardings,
+  per_request_scales: bool = False,
+):
+  """The jitted sampler and tokenizer decoder, shared by inference and evaluation.
+
+  Returns a function of (params, tokenizer params, and `host_inputs`' arrays) ->
+  this host's (images [prompts, samples, H, W, 3], scores [prompts, samples]) as
+  numpy. Guidance uses the run's scale (1.0 skips the unconditional stream) unless
+  `per_request_scales`, when each row's own scale is used."""
   from jax.experimental import multihost_utils
 
   from parti.tokenizer import model as tokenizer_model
@@ -311,13 +406,14 @@ def make_generator(config, tok_config, options: SamplingOptions, mesh, rules, pa
   rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def generate(params, tok_params, text, seeds):
+  def generate(params, tok_params, text, seeds, scales, prefix):
     keys = jax.vmap(
       lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s[0]), s[1])
     )(seeds)
     tokens, log_probs = decoding.sample(
       config, params, text, keys, temperature=options.temperature, top_k=options.top_k,
-      top_p=options.top_p, guidance_scale=options.guidance_scale,
+      top_p=options.top_p, guidance_scale=scales if per_request_scales else options.guidance_scale,
+      prefix=prefix if prefix.shape[1] else None,
     )  # fmt: skip
     ids = tokens.reshape(-1, *config.image_grid)
     images = vqgan.apply({"params": tok_params}, ids, method=tokenizer_model.VitVQGAN.decode)
@@ -325,16 +421,14 @@ def make_generator(config, tok_config, options: SamplingOptions, mesh, rules, pa
 
   jitted = jax.jit(
     generate,
-    in_shardings=(param_shardings, replicated, rows_sharding, rows_sharding),
+    in_shardings=(param_shardings, replicated, *[rows_sharding] * 4),
     out_shardings=(rows_sharding, rows_sharding),
   )
 
-  def run(params, tok_params, text, seeds):
-    global_text, global_seeds = (
-      jax.make_array_from_process_local_data(rows_sharding, x) for x in (text, seeds)
-    )
+  def run(params, tok_params, *host_arrays):
+    global_arrays = [jax.make_array_from_process_local_data(rows_sharding, x) for x in host_arrays]
     with partitioning.activate(mesh, rules):
-      images, scores = jitted(params, tok_params, global_text, global_seeds)
+      images, scores = jitted(params, tok_params, *global_arrays)
     images, scores = multihost_utils.global_array_to_host_local_array(
       (images, scores), mesh, (batch_spec, batch_spec)
     )
@@ -361,12 +455,23 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
   return {
     "index": index,
     "prompt": prompt.text,
+    "request": prompt.key,
     "category": prompt.category,
     "challenge": prompt.challenge,
     "source": prompt.source,
-    "seed": prompt_seed(options.seed, prompt.text),
+    "seed": prompt_seed(options.seed, prompt),
     "samples": [int(s) for s in best],
-    **{k: getattr(options, k) for k in ("guidance_scale", "temperature", "top_k", "top_p")},
+    "guidance_scale": guidance_scale(options, prompt),
+    **{k: getattr(options, k) for k in ("temperature", "top_k", "top_p")},
+    **(
+      {
+        "image": prompt.image,
+        "prefix_rows": options.prefix_rows,
+        "prefix_file": _prefix_name(index),
+      }
+      if prompt.image
+      else {}
+    ),
     "checkpoint_step": step,
     "scores": [float(scores[s]) for s in best],
     "score": "log_likelihood" if similarities is None else "reranker_cosine",

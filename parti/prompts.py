@@ -1,15 +1,23 @@
 """Prompts for inference: read from a file or a task, cleaned, and encoded like training text.
 
-    prompts = read_prompts("PartiPrompts.tsv")          # or prompts.txt, or "task:NAME:split"
+    prompts = read_prompts("PartiPrompts.tsv")  # or prompts.txt, requests.jsonl, "task:NAME:split"
     encoder = PromptEncoder(text_length=128)             # the shipped shapes vocabulary
     tokens = encoder.encode_all(prompts)                 # int32 [P, 128]
 
 Sources: a text file (one prompt per line), a PartiPrompts-format TSV (Category
-and Challenge kept), or a seqio task's split (`task:NAME[:SPLIT]`, default
-validation; this one needs TensorFlow). Bad input has a defined outcome, each
-logged with where it came from: blank prompts are skipped, bytes that are not
-UTF-8 are replaced, a prompt seen before is generated once, and a prompt longer
-than the text length is truncated like training text.
+and Challenge kept), a JSON Lines file of requests, or a seqio task's split
+(`task:NAME[:SPLIT]`, default validation; this one needs TensorFlow). A request
+line is an object with a "prompt" and, optionally, "category", "challenge", its
+own "seed" and "guidance_scale", and an "image" to complete (a path, relative to
+the file's folder), for example
+
+    {"prompt": "a red circle", "seed": 7, "guidance_scale": 2.0, "image": "photo.png"}
+
+Bad input has a defined outcome, each logged with where it came from: blank
+prompts are skipped, bytes that are not UTF-8 are replaced, a request seen
+before is generated once, and a prompt longer than the text length is truncated
+like training text. A request line that is not such an object is refused,
+naming its line, before anything is generated.
 
 Encoding is SentencePiece with T5's ids, then EOS, then padding: what the seqio
 tasks' `tokenize` and `append_eos_after_trim` make of a caption, without TensorFlow.
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import json
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -33,12 +43,28 @@ TASK_PREFIX = "task:"
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """One prompt to generate for; `source` says where it came from (file:line)."""
+  """One request to generate for; `source` says where it came from (file:line).
+
+  `seed` and `guidance_scale` override the run's for this request (None: the
+  run's); `image` is an image file whose top rows the request continues.
+  """
 
   text: str
   category: str = ""
   challenge: str = ""
   source: str = ""
+  seed: int | None = None
+  guidance_scale: float | None = None
+  image: str = ""
+
+  @property
+  def key(self) -> str:
+    """What makes two requests the same: the text, and any per-request option."""
+    options = {k: v for k, v in self.options().items() if v not in (None, "")}
+    return self.text if not options else json.dumps({"prompt": self.text, **options})
+
+  def options(self) -> dict:
+    return {"seed": self.seed, "guidance_scale": self.guidance_scale, "image": self.image}
 
 
 def shapes_vocabulary_path() -> pathlib.Path:
@@ -56,7 +82,9 @@ def read_prompts(source: str) -> list[Prompt]:
     path = pathlib.Path(source)
     if not path.is_file():
       raise ConfigError(f"Prompts file {source} not found.")
-    if path.suffix.lower() == ".tsv":
+    if path.suffix.lower() == ".jsonl":
+      prompts = _request_file_prompts(path)
+    elif path.suffix.lower() == ".tsv":
       from parti.tasks import parti_prompts
 
       prompts = [
@@ -71,19 +99,87 @@ def read_prompts(source: str) -> list[Prompt]:
   return unique
 
 
-def _text_file_prompts(path: pathlib.Path) -> list[Prompt]:
+def _lines(path: pathlib.Path) -> list[str]:
+  """The file's lines, with bytes that are not UTF-8 replaced (and a warning)."""
   raw = path.read_bytes()
   try:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError:
     text = raw.decode("utf-8-sig", errors="replace")
     logging.warning("%s is not valid UTF-8; undecodable bytes were replaced (U+FFFD).", path)
+  return text.splitlines()
+
+
+def _text_file_prompts(path: pathlib.Path) -> list[Prompt]:
   prompts = []
-  for number, line in enumerate(text.splitlines(), start=1):
+  for number, line in enumerate(_lines(path), start=1):
     if not line.strip():
       logging.warning("%s:%d: blank prompt skipped.", path, number)
       continue
     prompts.append(Prompt(" ".join(line.split()), source=f"{path}:{number}"))
+  return prompts
+
+
+_REQUEST_FIELDS = {
+  "prompt": str, "category": str, "challenge": str, "seed": int, "guidance_scale": float,
+  "image": str,
+}  # fmt: skip
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _is_a(value, kind: type) -> bool:
+  """Whether a JSON value is absent or of `kind` (an int will do for a float; a bool never
+  for a number, though Python counts it as an int)."""
+  if value is None:
+    return True
+  if isinstance(value, bool):
+    return kind is bool
+  return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _request_file_prompts(path: pathlib.Path) -> list[Prompt]:
+  """Requests from JSON Lines; see the module docstring for the fields."""
+  prompts = []
+  for number, line in enumerate(_lines(path), start=1):
+    where = f"{path}:{number}"
+    if not line.strip():
+      continue
+    try:
+      request = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ConfigError(f"{where} is not JSON ({error}): {line[:120]!r}") from None
+    if not isinstance(request, dict):
+      raise ConfigError(f"{where} is not a JSON object: {line[:120]!r}")
+    unknown = sorted(set(request) - set(_REQUEST_FIELDS))
+    if unknown:
+      raise ConfigError(f"{where} has unknown fields {unknown}; known: {sorted(_REQUEST_FIELDS)}.")
+    for name, kind in _REQUEST_FIELDS.items():
+      if not _is_a(request.get(name), kind):
+        raise ConfigError(
+          f"{where}: {name!r} should be {_KIND_NAMES[kind]}, not {request[name]!r}."
+        )
+    scale = request.get("guidance_scale")
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+      raise ConfigError(f"{where}: guidance_scale should be finite and >= 0, not {scale}.")
+    seed = request.get("seed")
+    if seed is not None and not 0 <= seed < 2**31:
+      raise ConfigError(f"{where}: seed should be in [0, 2**31), not {seed}.")
+    text = " ".join((request.get("prompt") or "").split())
+    if not text:
+      logging.warning("%s: blank prompt skipped.", where)
+      continue
+    image = request.get("image")
+    prompts.append(
+      Prompt(
+        text,
+        category=request.get("category") or "",
+        challenge=request.get("challenge") or "",
+        source=where,
+        seed=seed,
+        guidance_scale=None if scale is None else float(scale),
+        image=str(path.parent / image) if image else "",
+      )
+    )
   return prompts
 
 
@@ -111,13 +207,13 @@ def _task_prompts(spec: str) -> list[Prompt]:
 def _deduplicate(prompts: Sequence[Prompt]) -> list[Prompt]:
   seen: dict[str, Prompt] = {}
   for prompt in prompts:
-    if prompt.text in seen:
+    if prompt.key in seen:
       logging.warning(
-        "%s repeats the prompt of %s (%r): generated once.",
-        prompt.source, seen[prompt.text].source, prompt.text,
+        "%s repeats the request of %s (%r): generated once.",
+        prompt.source, seen[prompt.key].source, prompt.key,
       )  # fmt: skip
       continue
-    seen[prompt.text] = prompt
+    seen[prompt.key] = prompt
   return list(seen.values())
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from parti import checkpoints, infer, partitioning
 from parti.config import PartiConfig
 from parti.errors import ConfigError
-from parti.prompts import PromptEncoder, shapes_vocabulary_path
+from parti.prompts import Prompt, PromptEncoder, shapes_vocabulary_path
 from parti.trainer import PartiTrainer
 
 pytestmark = pytest.mark.slow
@@ -345,3 +345,94 @@ def test_prompt_report_groups_best_scores():
   assert "| Vehicles | 1 | -4.00 |" in prompt_report.markdown(entries)
   with pytest.raises(ValueError, match="Group by"):
     prompt_report.group_scores(entries, "note")
+
+
+def _requests(path, requests: list) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+  return str(path)
+
+
+def test_requests_set_their_own_seed_and_guidance_scale(tmp_path, parti_run, trained_tokenizer):
+  requests = _requests(
+    tmp_path / "requests.jsonl",
+    [
+      {"prompt": "a red circle", "seed": 11, "guidance_scale": 3.0},
+      {"prompt": "a red circle", "seed": 12},  # Another request: another seed.
+      {"prompt": "a red circle", "seed": 11, "guidance_scale": 3.0},  # Repeated: once.
+      {"prompt": "two blue squares", "category": "Artifacts"},
+    ],
+  )
+  entries = run(tmp_path / "mixed", parti_run, trained_tokenizer, requests)
+  assert [(e["seed"], e["guidance_scale"]) for e in entries[:2]] == [(11, 3.0), (12, 2.0)]
+  assert entries[2]["seed"] == infer.prompt_seed(OPTIONS.seed, Prompt("two blue squares"))
+  assert entries[2]["category"] == "Artifacts" and entries[2]["guidance_scale"] == 2.0
+  # A request's own scale draws what a run at that scale draws for it.
+  alone = _requests(tmp_path / "alone.jsonl", [{"prompt": "a red circle", "seed": 11}])
+  options = dataclasses.replace(OPTIONS, guidance_scale=3.0)
+  [same] = run(tmp_path / "alone", parti_run, trained_tokenizer, alone, options=options)
+  assert (tmp_path / "alone" / same["files"][0]).read_bytes() == (
+    tmp_path / "mixed" / entries[0]["files"][0]
+  ).read_bytes()
+  # A rerun finds every request done, the two of one prompt apart.
+  assert run(tmp_path / "mixed", parti_run, trained_tokenizer, requests) == []
+
+
+def test_image_completion_continues_the_given_rows(
+  tmp_path, parti_run, trained_tokenizer, monkeypatch
+):
+  from parti import decoding
+  from parti.tasks import records
+  from parti.tokenizer.api import ImageTokenizer
+
+  pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "given.png")
+  requests = _requests(
+    tmp_path / "requests.jsonl", [{"prompt": "a red circle", "image": "given.png"}]
+  )
+  sampled = []
+  real_sample = decoding.sample
+
+  def recording_sample(*args, **kwargs):
+    tokens, log_probs = real_sample(*args, **kwargs)
+    jax.debug.callback(lambda t: sampled.append(np.asarray(t)), tokens)
+    return tokens, log_probs
+
+  monkeypatch.setattr(decoding, "sample", recording_sample)
+  out = tmp_path / "out"
+  options = dataclasses.replace(OPTIONS, prefix_rows=2, samples=2, keep=2)
+  [entry] = run(out, parti_run, trained_tokenizer, requests, options=options, batch_size=4)
+  jax.effects_barrier()
+  tokenizer = ImageTokenizer.from_checkpoint(trained_tokenizer)
+  given = tokenizer.encode(records.resize_and_crop(pixels, 32)[None])[0]
+  tokens = np.concatenate(sampled)[:2].reshape(2, 4, 4)  # Both samples of the one request.
+  np.testing.assert_array_equal(tokens[:, :2], np.stack([given[:2]] * 2))
+  assert entry["prefix_rows"] == 2 and entry["image"].endswith("given.png")
+  shown = np.asarray(Image.open(out / entry["prefix_file"]))
+  np.testing.assert_array_equal(shown[:16], records.resize_and_crop(pixels, 32)[:16])
+  page = (out / infer.GALLERY).read_text()
+  assert entry["prefix_file"] in page and 'class="given"' in page
+
+
+def test_image_completion_refuses_what_it_cannot_complete(tmp_path, parti_run, trained_tokenizer):
+  (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+  with_images = _requests(
+    tmp_path / "images.jsonl",
+    [
+      {"prompt": "a red circle", "image": "broken.png"},
+      {"prompt": "a blue square", "image": "gone.png"},
+    ],
+  )
+  complete = dataclasses.replace(OPTIONS, prefix_rows=1)
+  with pytest.raises(
+    ConfigError, match=r"2 images to complete cannot be read: .*broken\.png.*gone"
+  ):
+    run(tmp_path / "a", parti_run, trained_tokenizer, with_images, options=complete)
+  with pytest.raises(ConfigError, match=r"names an image to complete, but .*prefix_rows is 0"):
+    run(tmp_path / "b", parti_run, trained_tokenizer, with_images)
+  whole = dataclasses.replace(OPTIONS, prefix_rows=4)
+  with pytest.raises(ConfigError, match="leaves nothing of a 4-row grid"):
+    run(tmp_path / "c", parti_run, trained_tokenizer, with_images, options=whole)
+  plain = _requests(tmp_path / "plain.jsonl", [{"prompt": "a red circle"}])
+  with pytest.raises(ConfigError, match="every request needs an 'image'"):
+    run(tmp_path / "d", parti_run, trained_tokenizer, plain, options=complete)
+  assert not list((tmp_path / "a").rglob("*.png"))  # Refused before anything was made.

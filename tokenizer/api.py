@@ -35,7 +35,10 @@ class ImageTokenizer:
     self.config = config
     self.step = step
     self._model = model.VitVQGAN(config)
-    self._mesh = mesh or partitioning.create_mesh(partitioning.MeshConfig(), jax.devices()[:1])
+    # One of this host's devices: on other hosts jax.devices()[0] is not addressable.
+    self._mesh = mesh or partitioning.create_mesh(
+      partitioning.MeshConfig(), jax.local_devices()[:1]
+    )
     self._rules = rules
     specs = nn.get_partition_spec(checkpoint_io.abstract_params(config))
     self._param_shardings = nn.logical_to_mesh_sharding(specs, self._mesh, rules)
