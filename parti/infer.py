@@ -146,8 +146,7 @@ def load_tokenizer(tokenizer_dir: str, config: PartiConfig, mesh):
   from parti.tokenizer import checkpoint_io
 
   tok_config, params, step = checkpoint_io.load_for_model(tokenizer_dir, config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return tok_config, jax.device_put(params, replicated), step
+  return tok_config, partitioning.replicate(params, mesh), step
 
 
 # --- Outputs --------------------------------------------------------------------------------------

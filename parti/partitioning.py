@@ -243,6 +243,17 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) ->
   return tree, jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
+def replicate(tree, mesh: Mesh):
+  """`tree` (the same values on every host, on any of its devices) replicated over `mesh`.
+
+  Goes through host memory: a device_put from one host's device to a mesh that
+  spans other hosts' devices is not a transfer JAX makes, while each host placing
+  its own copy of the same host values is.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.device_put(jax.device_get(tree), replicated)
+
+
 def abstract_with_shardings(tree, shardings):
   """jax.ShapeDtypeStructs carrying `shardings`: what orbax restores into."""
   return jax.tree_util.tree_map(

@@ -234,6 +234,10 @@ class PromptEncoder:
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
 
+  def piece_count(self, text: str) -> int:
+    """How many pieces `text` encodes to, before truncation and EOS."""
+    return len(self._processor.encode(text))
+
   def encode(self, prompt: Prompt | str) -> np.ndarray:
     """int32 [text_length]: pieces (truncated to leave room for EOS), EOS, padding."""
     text = prompt.text if isinstance(prompt, Prompt) else prompt

@@ -213,7 +213,7 @@ def train(
   state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
   if tokenizer_params is not None:
-    tokenizer_params = jax.device_put(tokenizer_params, replicated)
+    tokenizer_params = partitioning.replicate(tokenizer_params, device_mesh)
 
   def dataset(split: str, epochs: int | None):
     return input_pipeline.get_dataset(

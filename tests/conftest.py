@@ -6,6 +6,7 @@ at import time, before any test module imports jax.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import socket
@@ -110,6 +111,28 @@ def coordinator_address() -> str:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def as_gin(job: str, args: dict) -> str:
+  """A job's keyword arguments as a gin file (dataclasses as their configurables), for the
+  multi-process tests, which start jobs through their command line."""
+  lines = []
+  for key, value in args.items():
+    if dataclasses.is_dataclass(value):
+      name = _GIN_NAMES[type(value).__name__]
+      lines.append(f"{job}.{key} = @{name}()")
+      lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+    else:
+      lines.append(f"{job}.{key} = {value!r}")
+  return "\n".join(lines) + "\n"
+
+
+_GIN_NAMES = {
+  "PartiConfig": "parti.PartiConfig",
+  "MeshConfig": "partitioning.MeshConfig",
+  "AdafactorConfig": "optim.AdafactorConfig",
+  "SamplingOptions": "infer.SamplingOptions",
+}
 
 
 def tiny_tokenizer_config(**overrides):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import as_gin, coordinator_address
 from PIL import Image
 
 from parti import checkpoints, infer, partitioning
@@ -436,3 +440,68 @@ def test_image_completion_refuses_what_it_cannot_complete(tmp_path, parti_run, t
   with pytest.raises(ConfigError, match="every request needs an 'image'"):
     run(tmp_path / "d", parti_run, trained_tokenizer, plain, options=complete)
   assert not list((tmp_path / "a").rglob("*.png"))  # Refused before anything was made.
+
+
+def test_two_processes_of_four_devices_write_what_one_of_eight_does(
+  tmp_path, parti_run, trained_tokenizer
+):
+  # Five requests in batches of four: the second batch has one prompt, so host 1
+  # pads with host 0's. Image completion runs too: each host encodes the images.
+  rng = np.random.default_rng(1)
+  requests = []
+  for index, text in enumerate(["a red circle", "two blue squares", "a star", "a cross", "x"]):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(tmp_path / f"{index}.png")
+    requests.append({"prompt": text, "image": f"{index}.png", "seed": index})
+  prompts = _requests(tmp_path / "requests.jsonl", requests)
+  options = dataclasses.replace(OPTIONS, prefix_rows=1)
+  one = run(tmp_path / "one", parti_run, trained_tokenizer, prompts, options=options)
+
+  args = dict(
+    checkpoint_dir=parti_run, tokenizer_dir=str(trained_tokenizer), prompts=prompts,
+    output_dir=str(tmp_path / "two"), options=options, batch_size=4, mesh=MESH,
+  )  # fmt: skip
+  (tmp_path / "two.gin").write_text(as_gin("infer", args))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  address = coordinator_address()
+  hosts = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "parti.infer",
+        f"--gin_file={tmp_path / 'two.gin'}",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+        f"--process_id={index}",
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for index in range(2)
+  ]
+  try:
+    outputs = [host.communicate(timeout=400)[0] for host in hosts]
+  finally:
+    for host in hosts:
+      host.kill()
+  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
+    assert host.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+
+  two = tmp_path / "two"
+  per_host = [
+    [
+      json.loads(line)["index"]
+      for line in (two / f"manifest-{h:05d}.jsonl").read_text().splitlines()
+    ]
+    for h in range(2)
+  ]
+  assert per_host == [[0, 1, 4], [2, 3]]  # Each host its half of each batch; no padding.
+  by_index = {e["index"]: e for e in _manifest(two)}
+  for entry in one:
+    theirs = by_index[entry["index"]]
+    assert theirs["scores"] == pytest.approx(entry["scores"], rel=1e-5)
+    for name in entry["files"] + [entry["prefix_file"]]:
+      assert (two / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+  assert (two / infer.GALLERY).read_text().count('class="card"') == 5

@@ -3,7 +3,6 @@ and two processes (hosts) training exactly like one."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import signal
@@ -13,7 +12,7 @@ import sys
 import gin
 import numpy as np
 import pytest
-from conftest import coordinator_address
+from conftest import as_gin, coordinator_address
 from PIL import Image
 
 from parti import gin_utils, metric_logging, optim, partitioning
@@ -244,25 +243,6 @@ def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shape
 
 # --- Multi-host ---------------------------------------------------------------------------------
 
-_GIN_NAMES = {
-  PartiConfig: "parti.PartiConfig",
-  partitioning.MeshConfig: "partitioning.MeshConfig",
-  optim.AdafactorConfig: "optim.AdafactorConfig",
-}
-
-
-def _as_gin(args: dict) -> str:
-  """`train.train` keyword arguments as a gin file."""
-  lines = []
-  for key, value in args.items():
-    if dataclasses.is_dataclass(value):
-      name = _GIN_NAMES[type(value)]
-      lines.append(f"train.{key} = @{name}()")
-      lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
-    else:
-      lines.append(f"train.{key} = {value!r}")
-  return "\n".join(lines) + "\n"
-
 
 def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_dir):
   # Unshuffled and without guidance dropout (which depends on an example's place in
@@ -289,7 +269,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
     peak_flops=1e11,
     **same,
   )
-  (tmp_path / "two.gin").write_text(_as_gin(args))
+  (tmp_path / "two.gin").write_text(as_gin("train", args))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
   address = coordinator_address()
   hosts = [

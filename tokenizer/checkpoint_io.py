@@ -39,7 +39,7 @@ def load_params(model_dir: str | pathlib.Path, step: int | None = None, sharding
   Args:
     model_dir: a tokenizer training run's MODEL_DIR.
     step: a checkpoint step, or None for the latest usable one.
-    shardings: a tree of shardings for the parameters (default: the first device).
+    shardings: a tree of shardings for the parameters (default: this host's first device).
 
   Returns:
     The config, the parameters and the step they come from.
@@ -50,7 +50,8 @@ def load_params(model_dir: str | pathlib.Path, step: int | None = None, sharding
     raise FileNotFoundError(f"No tokenizer checkpoints in {folder}.")
   shapes = nn.meta.unbox(abstract_params(config))
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This host's first device: on other hosts jax.devices()[0] is not addressable.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree_util.tree_map(lambda _: device, shapes)
   abstract = jax.tree_util.tree_map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings

@@ -1,0 +1,126 @@
+"""The batch inference job on PartiPrompts, end to end: images/s, where the time goes, resume cost.
+
+    python bench/infer_parti_prompts.py --prompts=../shared/data/PartiPrompts.tsv \
+      --checkpoint_dir=runs/demo/parti --tokenizer_dir=runs/demo/tokenizer [--limit=512]
+
+Runs `parti.infer.infer` (the job itself, not a copy) over the benchmark's
+prompts into a fresh folder, with Parti's sampling defaults (guidance 1.2, one
+sample per prompt), and reports:
+
+  - the prompts: how many, their categories and challenges, and how many the
+    run's text length truncates (PartiPrompts has long, detailed prompts);
+  - the job's images/s over the whole run, and the share of its time spent in
+    the jitted sampler + tokenizer decoder (the first call, which compiles, is
+    reported apart). The rest is the job's own work: reading and encoding
+    prompts, moving images to the host, PNG encoding, atomic writes, the
+    manifest and the gallery;
+  - a rerun over the finished folder: the time to find that nothing is left.
+
+Any checkpoint and tokenizer `parti.infer` accepts will do. The demo's
+(`make demo`) were trained on the shapes, so their images of PartiPrompts mean
+nothing and their scores are not quality figures; this measures the job.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+
+from parti import infer, partitioning
+from parti.config import PartiConfig
+from parti.prompts import PromptEncoder, read_prompts
+
+_PROMPTS = flags.DEFINE_string("prompts", None, "A PartiPrompts-format TSV.", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint_dir", "runs/demo/parti", "A parti.train MODEL_DIR.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_dir", "runs/demo/tokenizer", "Its tokenizer.")
+_VOCABULARY = flags.DEFINE_string("vocabulary", None, "SentencePiece model (default: shapes).")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N prompts (0: all).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Prompts per batch.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where the images go (default: a temp folder).")
+
+
+def _timed_generator(calls: list[tuple[float, float]]):
+  """`infer.make_generator`, with the (start, end) of each call to its generator recorded."""
+  make = infer.make_generator
+
+  def make_timed(*args, **kwargs):
+    generate = make(*args, **kwargs)
+
+    def timed(*inputs):
+      start = time.perf_counter()
+      result = generate(*inputs)  # Returns numpy: the device work is done.
+      calls.append((start, time.perf_counter()))
+      return result
+
+    return timed
+
+  return make_timed
+
+
+def main(argv):
+  del argv
+  prompts = read_prompts(_PROMPTS.value)
+  if _LIMIT.value:
+    prompts = prompts[: _LIMIT.value]
+  config = PartiConfig.load(pathlib.Path(_CHECKPOINT.value) / "parti_config.json")
+  encoder = PromptEncoder(config.text_length, _VOCABULARY.value)
+  lengths = [encoder.piece_count(p.text) for p in prompts]
+  truncated = sum(length > config.text_length - 1 for length in lengths)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; jax {jax.__version__}")
+  print(
+    f"{len(prompts)} prompts, {len({p.category for p in prompts})} categories, "
+    f"{len({p.challenge for p in prompts})} challenges; {encoder.path.name}: median "
+    f"{sorted(lengths)[len(lengths) // 2]} pieces, {truncated} truncated at text length "
+    f"{config.text_length}"
+  )
+  folder = pathlib.Path(_OUTPUT.value or tempfile.mkdtemp(prefix="parti_prompts_"))
+  subset = folder / "prompts.tsv"
+  folder.mkdir(parents=True, exist_ok=True)
+  subset.write_text(
+    "Prompt\tCategory\tChallenge\n"
+    + "".join(f"{p.text}\t{p.category}\t{p.challenge}\n" for p in prompts)
+  )
+  calls: list[tuple[float, float]] = []
+  infer.make_generator = _timed_generator(calls)
+  run = dict(
+    checkpoint_dir=_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, prompts=str(subset),
+    output_dir=str(folder / "out"), options=infer.SamplingOptions(), batch_size=_BATCH.value,
+    vocabulary=_VOCABULARY.value, mesh=partitioning.MeshConfig(), gallery_every=10,
+  )  # fmt: skip
+  start_job = time.perf_counter()
+  entries = infer.infer(**run)
+  start_rerun = time.perf_counter()
+  total = start_rerun - start_job
+  again = infer.infer(**run)
+  rerun = time.perf_counter() - start_rerun
+  if again:
+    raise RuntimeError(f"The rerun generated {len(again)} prompts again.")
+  if len(calls) < 2:
+    raise ValueError("Measure at least two batches: raise --limit or lower --batch.")
+  # Loading (model, tokenizer) ends when the first call starts; that call compiles.
+  setup = calls[0][0] - start_job
+  first = calls[0][1] - calls[0][0]
+  loop = start_rerun - calls[0][1]  # From the first call's end to the job's end.
+  sampler = sum(end - begin for begin, end in calls[1:])
+  images_after_first = len(entries) - _BATCH.value
+  print(
+    "| prompts | batch | job | images/s | loading | first call | after it: images/s | sampler share | rerun |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
+  print(
+    f"| {len(entries)} | {_BATCH.value} | {total:.1f} s | {len(entries) / total:.2f} | "
+    f"{setup:.1f} s | {first:.1f} s | {images_after_first / loop:.2f} | "
+    f"{100 * sampler / loop:.0f}% | {rerun:.1f} s |"
+  )
+  by_category = collections.Counter(e["category"] for e in entries)
+  print("prompts per category:", ", ".join(f"{c} {n}" for c, n in by_category.most_common()))
+  print(f"outputs: {folder / 'out'} (index.html, report.md)")
+
+
+if __name__ == "__main__":
+  app.run(main)
