@@ -45,9 +45,17 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## bench: every benchmark under bench/, printing its figures.
+## bench: every benchmark under bench/, printing its figures. The inference job's
+## runs on the demo's model (make demo first) with PARTI_PROMPTS=path/to/PartiPrompts.tsv.
 bench: $(STAMP)
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/*.py; do \
+	  [ $$b = bench/infer_parti_prompts.py ] && continue; \
+	  echo "== $$b"; $(BIN)/python $$b || exit 1; \
+	done
+	@if [ -n "$(PARTI_PROMPTS)" ]; then \
+	  echo "== bench/infer_parti_prompts.py"; \
+	  $(BIN)/python bench/infer_parti_prompts.py --prompts=$(PARTI_PROMPTS); \
+	else echo "== bench/infer_parti_prompts.py skipped: pass PARTI_PROMPTS=path/to/PartiPrompts.tsv"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -67,7 +67,13 @@ def main(argv):
   prompts = read_prompts(_PROMPTS.value)
   if _LIMIT.value:
     prompts = prompts[: _LIMIT.value]
-  config = PartiConfig.load(pathlib.Path(_CHECKPOINT.value) / "parti_config.json")
+  config_path = pathlib.Path(_CHECKPOINT.value) / "parti_config.json"
+  if not config_path.is_file():
+    raise SystemExit(
+      f"{_CHECKPOINT.value} holds no Parti run ({config_path} is missing): run `make demo` "
+      "first, or pass --checkpoint_dir and --tokenizer_dir."
+    )
+  config = PartiConfig.load(config_path)
   encoder = PromptEncoder(config.text_length, _VOCABULARY.value)
   lengths = [encoder.piece_count(p.text) for p in prompts]
   truncated = sum(length > config.text_length - 1 for length in lengths)

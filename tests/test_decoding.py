@@ -123,6 +123,23 @@ def test_kth_largest_equals_lax_top_k_with_ties_infinities_and_negatives():
     np.testing.assert_array_equal(decoding.kth_largest(jnp.asarray(x), k), expected)
 
 
+def test_inverting_the_cdf_draws_each_token_with_its_probability():
+  # 200k draws over 6 tokens, two of them masked: each frequency within 4.5 binomial
+  # standard errors of its softmax probability, and the masked never drawn.
+  logits = jnp.array([[2.0, -jnp.inf, 0.5, 1.0, -jnp.inf, -1.0]])
+  draws = 200_000
+  uniform = jax.random.uniform(jax.random.key(0), (draws,))
+  tokens = decoding.invert_cdf(jnp.broadcast_to(logits, (draws, 6)), uniform)
+  counts = np.bincount(np.asarray(tokens), minlength=6)
+  expected = np.asarray(jax.nn.softmax(logits[0])) * draws
+  assert counts[1] == counts[4] == 0
+  tolerance = 4.5 * np.sqrt(expected * (1 - expected / draws)) + 1
+  np.testing.assert_array_less(np.abs(counts - expected), tolerance)
+  # The ends of [0, 1) land on the first and last token that can be drawn.
+  edges = decoding.invert_cdf(jnp.concatenate([logits, logits]), jnp.array([0.0, 1 - 1e-7]))
+  np.testing.assert_array_equal(edges, [0, 5])
+
+
 def test_filter_logits_keeps_the_top_k_and_the_top_p_mass():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
   top2 = decoding.filter_logits(logits, top_k=2)

@@ -163,9 +163,13 @@ def test_images_do_not_depend_on_the_batch_or_the_prompt_order(
   for entry in expected:
     mine = by_prompt[entry["prompt"]]
     assert mine["seed"] == entry["seed"]
-    assert (tmp_path / "out" / mine["files"][0]).read_bytes() == (
-      out / entry["files"][0]
-    ).read_bytes()
+    # The same tokens (another token would move the log-likelihood by far more)...
+    assert mine["log_likelihoods"] == pytest.approx(entry["log_likelihoods"], rel=1e-5)
+    # ... decoded in a batch of another size, where float rounding may move a pixel by
+    # one level: byte equality holds only for batches of the same shape.
+    theirs = np.asarray(Image.open(out / entry["files"][0]), np.int16)
+    ours = np.asarray(Image.open(tmp_path / "out" / mine["files"][0]), np.int16)
+    assert np.abs(ours - theirs).max() <= 1
 
 
 def test_parti_prompts_keep_category_and_challenge_and_keep_the_best_samples(
