@@ -243,15 +243,19 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules) ->
   return tree, jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def replicate(tree, mesh: Mesh):
-  """`tree` (the same values on every host, on any of its devices) replicated over `mesh`.
+def place(tree, shardings):
+  """`tree` (the same values on every host, on any of its devices) laid out by `shardings`.
 
   Goes through host memory: a device_put from one host's device to a mesh that
   spans other hosts' devices is not a transfer JAX makes, while each host placing
-  its own copy of the same host values is.
+  its own shards of the same host values is.
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.device_put(jax.device_get(tree), replicated)
+  return jax.device_put(jax.device_get(tree), shardings)
+
+
+def replicate(tree, mesh: Mesh):
+  """`tree` (the same values on every host) replicated over `mesh`; see `place`."""
+  return place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def abstract_with_shardings(tree, shardings):

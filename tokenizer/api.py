@@ -42,7 +42,7 @@ class ImageTokenizer:
     self._rules = rules
     specs = nn.get_partition_spec(checkpoint_io.abstract_params(config))
     self._param_shardings = nn.logical_to_mesh_sharding(specs, self._mesh, rules)
-    self.params = jax.device_put(params, self._param_shardings)
+    self.params = partitioning.place(params, self._param_shardings)
     self._images = partitioning.logical_sharding(self._mesh, ("batch", None, None, None), rules)
     self._ids = partitioning.logical_sharding(self._mesh, ("batch", None, None), rules)
     self._encode = jax.jit(
