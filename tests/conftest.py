@@ -12,6 +12,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 # Tests run on the CPU even where an accelerator is present: figures from a GPU
 # belong in bench/, and results must not depend on the machine.
@@ -111,6 +112,43 @@ def coordinator_address() -> str:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def run_on_two_hosts(module: str, gin_file: pathlib.Path, timeout: float = 400) -> list[str]:
+  """Runs `python -m module --gin_file=...` as two processes of four CPU devices (gloo),
+  as a two-host job is launched; returns what each printed.
+
+  Each host logs to a file beside the gin file. When one fails the other would wait
+  for it at a barrier, so the first failure kills both and fails the test with that
+  host's log; so does running past `timeout`.
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  address = coordinator_address()
+  logs = [gin_file.with_name(f"{gin_file.stem}.host{index}.log") for index in range(2)]
+  hosts = []
+  for index, log in enumerate(logs):
+    with log.open("w") as sink:  # The child keeps its own copy of the descriptor.
+      command = [
+        sys.executable, "-m", module, f"--gin_file={gin_file}",
+        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}",
+      ]  # fmt: skip
+      hosts.append(subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + timeout
+  try:
+    while any(host.poll() is None for host in hosts):
+      failed = [i for i, host in enumerate(hosts) if host.poll() not in (None, 0)]
+      if failed or time.monotonic() > deadline:
+        index = failed[0] if failed else 0
+        what = f"failed ({hosts[index].returncode})" if failed else f"ran past {timeout} s"
+        pytest.fail(f"host {index} of {module} {what}:\n{logs[index].read_text()[-4000:]}")
+      time.sleep(0.5)
+  finally:
+    for host in hosts:
+      host.kill()
+  outputs = [log.read_text() for log in logs]
+  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
+    assert host.returncode == 0, f"host {index} failed:\n{output[-4000:]}"
+  return outputs
 
 
 def as_gin(job: str, args: dict) -> str:

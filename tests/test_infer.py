@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import as_gin, coordinator_address
+from conftest import as_gin, run_on_two_hosts
 from PIL import Image
 
 from parti import checkpoints, infer, partitioning
@@ -465,33 +462,7 @@ def test_two_processes_of_four_devices_write_what_one_of_eight_does(
     output_dir=str(tmp_path / "two"), options=options, batch_size=4, mesh=MESH,
   )  # fmt: skip
   (tmp_path / "two.gin").write_text(as_gin("infer", args))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-  address = coordinator_address()
-  hosts = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "parti.infer",
-        f"--gin_file={tmp_path / 'two.gin'}",
-        f"--coordinator_address={address}",
-        "--num_processes=2",
-        f"--process_id={index}",
-      ],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for index in range(2)
-  ]
-  try:
-    outputs = [host.communicate(timeout=400)[0] for host in hosts]
-  finally:
-    for host in hosts:
-      host.kill()
-  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
-    assert host.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+  run_on_two_hosts("parti.infer", tmp_path / "two.gin")
 
   two = tmp_path / "two"
   per_host = [

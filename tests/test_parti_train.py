@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 
 import gin
 import numpy as np
 import pytest
-from conftest import as_gin, coordinator_address
+from conftest import as_gin, run_on_two_hosts
 from PIL import Image
 
 from parti import gin_utils, metric_logging, optim, partitioning
@@ -270,33 +268,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
     **same,
   )
   (tmp_path / "two.gin").write_text(as_gin("train", args))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-  address = coordinator_address()
-  hosts = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "parti.train",
-        f"--gin_file={tmp_path / 'two.gin'}",
-        f"--coordinator_address={address}",
-        "--num_processes=2",
-        f"--process_id={index}",
-      ],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for index in range(2)
-  ]
-  try:
-    outputs = [host.communicate(timeout=400)[0] for host in hosts]
-  finally:
-    for host in hosts:
-      host.kill()
-  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
-    assert host.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+  outputs = run_on_two_hosts("parti.train", tmp_path / "two.gin")
   assert "Process 1 of 2: 4 local and 8 global devices" in outputs[1]
 
   one = metric_logging.read_metrics(tmp_path / "one")
