@@ -1,8 +1,8 @@
 """Prompts for inference: read from a file or a task, cleaned, and encoded like training text.
 
-    prompts = read_prompts("PartiPrompts.tsv")  # or prompts.txt, requests.jsonl, "task:NAME:split"
-    encoder = PromptEncoder(text_length=128)             # the shipped shapes vocabulary
-    tokens = encoder.encode_all(prompts)                 # int32 [P, 128]
+    prompts = read_prompts("PartiPrompts.tsv")  # or .txt, .jsonl, or "task:NAME:split"
+    encoder = PromptEncoder(text_length=128)    # the shipped shapes vocabulary
+    tokens = encoder.encode(prompts[0])         # int32 [128]
 
 Sources: a text file (one prompt per line), a PartiPrompts-format TSV (Category
 and Challenge kept), a JSON Lines file of requests, or a seqio task's split
