@@ -81,7 +81,8 @@ class SamplingOptions:
     top_p: sample among the likeliest codes holding this mass (1.0: all).
     samples: images drawn per prompt.
     keep: the best of them kept (by score).
-    seed: the run's seed; each prompt's is derived from it and the prompt's text.
+    seed: the run's seed; a request's is derived from it and the request's text, unless
+      the request sets its own.
     prefix_rows: image completion: rows of each request's image (in tokenizer grid
       rows) kept as they are and continued downward (0: generate whole images).
   """
