@@ -67,6 +67,8 @@ def main(argv):
   prompts = read_prompts(_PROMPTS.value)
   if _LIMIT.value:
     prompts = prompts[: _LIMIT.value]
+  if len(prompts) <= _BATCH.value:
+    raise SystemExit("Measure at least two batches: raise --limit or lower --batch.")
   config_path = pathlib.Path(_CHECKPOINT.value) / "parti_config.json"
   if not config_path.is_file():
     raise SystemExit(
@@ -85,12 +87,14 @@ def main(argv):
     f"{config.text_length}"
   )
   folder = pathlib.Path(_OUTPUT.value or tempfile.mkdtemp(prefix="parti_prompts_"))
-  subset = folder / "prompts.tsv"
   folder.mkdir(parents=True, exist_ok=True)
-  subset.write_text(
-    "Prompt\tCategory\tChallenge\n"
-    + "".join(f"{p.text}\t{p.category}\t{p.challenge}\n" for p in prompts)
-  )
+  subset = pathlib.Path(_PROMPTS.value)
+  if _LIMIT.value:
+    subset = folder / "prompts.tsv"
+    subset.write_text(
+      "Prompt\tCategory\tChallenge\n"
+      + "".join(f"{p.text}\t{p.category}\t{p.challenge}\n" for p in prompts)
+    )
   calls: list[tuple[float, float]] = []
   infer.make_generator = _timed_generator(calls)
   run = dict(
@@ -106,8 +110,6 @@ def main(argv):
   rerun = time.perf_counter() - start_rerun
   if again:
     raise RuntimeError(f"The rerun generated {len(again)} prompts again.")
-  if len(calls) < 2:
-    raise ValueError("Measure at least two batches: raise --limit or lower --batch.")
   # Loading (model, tokenizer) ends when the first call starts; that call compiles.
   setup = calls[0][0] - start_job
   first = calls[0][1] - calls[0][0]

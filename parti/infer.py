@@ -341,7 +341,7 @@ def prefix_tokens(
       bad.append(f"{path} ({prompt.source}): {error}")
   if bad:
     raise ConfigError(f"{len(bad)} images to complete cannot be read: " + "; ".join(bad[:5]))
-  tokenizer = ImageTokenizer(tok_config, jax.device_get(tok_params))
+  tokenizer = ImageTokenizer(tok_config, tok_params)  # On one of this host's devices.
   known = options.prefix_rows * tok_config.grid[1]
   kept_pixels = options.prefix_rows * tok_config.patch_size
   prefixes = {}

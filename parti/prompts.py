@@ -60,11 +60,9 @@ class Prompt:
   @property
   def key(self) -> str:
     """What makes two requests the same: the text, and any per-request option."""
-    options = {k: v for k, v in self.options().items() if v not in (None, "")}
+    options = {"seed": self.seed, "guidance_scale": self.guidance_scale, "image": self.image}
+    options = {k: v for k, v in options.items() if v not in (None, "")}
     return self.text if not options else json.dumps({"prompt": self.text, **options})
-
-  def options(self) -> dict:
-    return {"seed": self.seed, "guidance_scale": self.guidance_scale, "image": self.image}
 
 
 def shapes_vocabulary_path() -> pathlib.Path:

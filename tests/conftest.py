@@ -114,23 +114,26 @@ def coordinator_address() -> str:
     return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def run_on_two_hosts(module: str, gin_file: pathlib.Path, timeout: float = 400) -> list[str]:
-  """Runs `python -m module --gin_file=...` as two processes of four CPU devices (gloo),
-  as a two-host job is launched; returns what each printed.
+def run_on_two_hosts(
+  arguments: list[str], log_dir: pathlib.Path, devices: int = 4, timeout: float = 400
+) -> list[str]:
+  """Runs `python ARGUMENTS --coordinator_address=... --num_processes=2 --process_id=I`
+  as two processes of `devices` CPU devices each, as a two-host job is launched;
+  returns what each printed.
 
-  Each host logs to a file beside the gin file. When one fails the other would wait
-  for it at a barrier, so the first failure kills both and fails the test with that
-  host's log; so does running past `timeout`.
+  Each host logs to log_dir/hostI.log. When one fails the other would wait for it at
+  a barrier, so the first failure kills both and fails the test with that host's
+  log; so does running past `timeout`.
   """
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
   address = coordinator_address()
-  logs = [gin_file.with_name(f"{gin_file.stem}.host{index}.log") for index in range(2)]
+  logs = [log_dir / f"host{index}.log" for index in range(2)]
   hosts = []
   for index, log in enumerate(logs):
     with log.open("w") as sink:  # The child keeps its own copy of the descriptor.
       command = [
-        sys.executable, "-m", module, f"--gin_file={gin_file}",
-        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}",
+        sys.executable, *arguments, f"--coordinator_address={address}", "--num_processes=2",
+        f"--process_id={index}",
       ]  # fmt: skip
       hosts.append(subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + timeout
@@ -140,7 +143,7 @@ def run_on_two_hosts(module: str, gin_file: pathlib.Path, timeout: float = 400) 
       if failed or time.monotonic() > deadline:
         index = failed[0] if failed else 0
         what = f"failed ({hosts[index].returncode})" if failed else f"ran past {timeout} s"
-        pytest.fail(f"host {index} of {module} {what}:\n{logs[index].read_text()[-4000:]}")
+        pytest.fail(f"host {index} of {arguments} {what}:\n{logs[index].read_text()[-4000:]}")
       time.sleep(0.5)
   finally:
     for host in hosts:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
-from conftest import coordinator_address
+from conftest import run_on_two_hosts
 
 # Each host saves a sharded array to two checkpointers (a training job's latest and
 # best) at every step, without waiting in between. The array (8 MiB) is big enough
@@ -17,18 +13,25 @@ from conftest import coordinator_address
 # input states, so the hosts' threads run out of step.
 _HOST = textwrap.dedent(
   """
-  import sys
+  import argparse
 
   import jax
   import numpy as np
 
+  parser = argparse.ArgumentParser()
+  for flag in ("run", "--coordinator_address", "--num_processes", "--process_id"):
+    parser.add_argument(flag)
+  args = parser.parse_args()
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+  jax.distributed.initialize(
+    args.coordinator_address, num_processes=int(args.num_processes),
+    process_id=int(args.process_id),
+  )
 
   from parti import checkpoints
 
-  latest = checkpoints.Checkpointer(sys.argv[3], keep=2, save_every=1)
-  best = checkpoints.Checkpointer(sys.argv[3], keep=1, save_every=1, subdir="best")
+  latest = checkpoints.Checkpointer(args.run, keep=2, save_every=1)
+  best = checkpoints.Checkpointer(args.run, keep=1, save_every=1, subdir="best")
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
   for step in range(1, 13):
@@ -52,31 +55,8 @@ def test_two_checkpointers_save_at_once_on_two_hosts(tmp_path):
   # refuses, and the job hung for orbax's 300 s barrier timeout.
   script = tmp_path / "host.py"
   script.write_text(_HOST)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-  address = coordinator_address()
-  logs = [tmp_path / f"host{index}.log" for index in range(2)]
-  hosts = []
-  for index, log in enumerate(logs):
-    with log.open("w") as sink:  # The child keeps its own copy of the descriptor.
-      hosts.append(
-        subprocess.Popen(
-          [sys.executable, str(script), address, str(index), str(tmp_path / "run")],
-          env=env,
-          stdout=sink,
-          stderr=subprocess.STDOUT,
-        )
-      )
-  try:
-    for host in hosts:
-      host.wait(timeout=120)
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"the hosts hung saving; host 0 printed:\n{logs[0].read_text()[-3000:]}")
-  finally:
-    for host in hosts:
-      host.kill()
-  for index, (host, log) in enumerate(zip(hosts, logs, strict=True)):
-    output = log.read_text()
-    assert host.returncode == 0, f"host {index} failed:\n{output[-3000:]}"
+  outputs = run_on_two_hosts([str(script), str(tmp_path / "run")], tmp_path, devices=2, timeout=120)
+  for output in outputs:
     assert "restored 12 12.0" in output, output[-3000:]
   assert sorted(
     p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()

@@ -462,7 +462,7 @@ def test_two_processes_of_four_devices_write_what_one_of_eight_does(
     output_dir=str(tmp_path / "two"), options=options, batch_size=4, mesh=MESH,
   )  # fmt: skip
   (tmp_path / "two.gin").write_text(as_gin("infer", args))
-  run_on_two_hosts("parti.infer", tmp_path / "two.gin")
+  run_on_two_hosts(["-m", "parti.infer", f"--gin_file={tmp_path / 'two.gin'}"], tmp_path)
 
   two = tmp_path / "two"
   per_host = [

@@ -268,7 +268,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
     **same,
   )
   (tmp_path / "two.gin").write_text(as_gin("train", args))
-  outputs = run_on_two_hosts("parti.train", tmp_path / "two.gin")
+  outputs = run_on_two_hosts(["-m", "parti.train", f"--gin_file={tmp_path / 'two.gin'}"], tmp_path)
   assert "Process 1 of 2: 4 local and 8 global devices" in outputs[1]
 
   one = metric_logging.read_metrics(tmp_path / "one")
