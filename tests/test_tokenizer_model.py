@@ -43,6 +43,31 @@ def test_shapes_and_dtypes(tiny):
   assert float(decoded.max()) <= 1.0
 
 
+@pytest.mark.parametrize("background", [0.0, 0.5, 1.0])
+def test_the_patch_size_codes_a_flat_image_with_one_code(background):
+  # Without attention blocks nothing reads a position embedding; adding one made each
+  # background patch's code say where it was (the demo spent half its codes on that).
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch")
+  vqgan = model.VitVQGAN(config)
+  params = nn.meta.unbox(vqgan.init(jax.random.key(2), _images())["params"])
+  flat = jnp.full((1, 32, 32, 3), background)
+  ids = np.asarray(vqgan.apply({"params": params}, flat, method=model.VitVQGAN.encode))
+  assert np.unique(ids).size == 1
+  decoded = vqgan.apply({"params": params}, ids, method=model.VitVQGAN.decode)
+  patches = np.asarray(model.patchify(decoded, config.patch_size))
+  np.testing.assert_allclose(patches, np.broadcast_to(patches[:, :1], patches.shape), atol=1e-6)
+
+
+def test_vits_with_attention_blocks_keep_their_position_embeddings():
+  config = tiny_tokenizer_config()
+  vqgan = model.VitVQGAN(config)
+  params = nn.meta.unbox(vqgan.init(jax.random.key(2), _images())["params"])
+  flat = jnp.full((1, 32, 32, 3), 0.5)
+  encoded = vqgan.apply({"params": params}, flat, method=lambda m, x: m.encoder(x))
+  # Attention must tell patches apart, so identical patches still encode differently.
+  assert float(jnp.abs(encoded - encoded[:, :1]).max()) > 1e-3
+
+
 def test_the_patch_size_codes_every_patch_on_its_own():
   config = tiny_tokenizer_config(encoder="patch", decoder="patch")
   vqgan = model.VitVQGAN(config)

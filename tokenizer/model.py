@@ -36,7 +36,13 @@ def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int]) -> jax.Arr
 
 
 class ViT(nn.Module):
-  """Position embeddings (fixed 2-D sincos), pre-norm blocks, a final norm."""
+  """Position embeddings (fixed 2-D sincos), pre-norm blocks, a final norm.
+
+  Without attention blocks (size `patch`) nothing mixes positions, so the
+  embeddings are left out: added there, they would only make each patch's code
+  depend on where the patch sits, and a flat background would take a different
+  code at every place in the grid.
+  """
 
   size: ViTSize
   grid: tuple[int, int]
@@ -44,7 +50,8 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + layers.sincos_2d(*self.grid, self.size.dim)[None]
+    if self.size.num_layers:
+      x = x + layers.sincos_2d(*self.grid, self.size.dim)[None]
     for i in range(self.size.num_layers):
       x = layers.EncoderBlock(
         self.size.num_heads, self.size.mlp_dim, jnp.dtype(self.dtype), name=f"block_{i}"
