@@ -56,6 +56,36 @@ def relative_position_bucket(relative_position: jax.Array, num_buckets: int, max
   return bucket + jnp.where(is_small, distance, large)
 
 
+def embeddings_from_codebook(codebook: jax.Array, embed_dim: int, seed: int = 0) -> jax.Array:
+  """Image-token embeddings [codes, embed_dim] that start where the tokenizer's codes are.
+
+  Each code vector is l2-normalized and mapped into the model's width by one random
+  orthonormal map, at _EMBED_INIT's scale (norm sqrt(embed_dim)). Inner products are
+  kept: codes that draw alike (an object a pixel to the left) start alike, so what
+  the model learns of one code reaches its neighbours from the first step, rather than
+  each of thousands of codes being learned alone. With tied logits it is also where
+  the output layer starts. Codebooks wider than the model are cut to its width.
+  """
+  codebook = jnp.asarray(codebook, jnp.float32)
+  codes = codebook * jax.lax.rsqrt(jnp.maximum(jnp.sum(codebook**2, -1, keepdims=True), 1e-12))
+  width = min(codebook.shape[1], embed_dim)
+  gaussian = jax.random.normal(jax.random.key(seed), (embed_dim, codebook.shape[1]))
+  basis, _ = jnp.linalg.qr(gaussian)  # [embed_dim, width], orthonormal columns.
+  return codes[:, :width] @ basis[:, :width].T * math.sqrt(embed_dim)
+
+
+def with_image_embeddings(params, embeddings: jax.Array):
+  """`params` whose first rows of the decoder's token embedding are `embeddings`
+  (the rows after them, BOS and padding, are kept), laid out as before."""
+  table = params["decoder"]["token_embedding"]["embedding"]
+  rows = embeddings.shape[0]
+  replace = jax.jit(
+    lambda t: t.at[:rows].set(embeddings.astype(t.dtype)), out_shardings=table.sharding
+  )
+  decoder = {**params["decoder"], "token_embedding": {"embedding": replace(table)}}
+  return {**params, "decoder": decoder}
+
+
 def unstack_layers(params, config: PartiConfig) -> tuple[dict, PartiConfig]:
   """Scanned parameters as the unrolled model's: ({... "layers_0": ..., ...}, config).
 
@@ -255,15 +285,19 @@ class ImageDecoder(nn.Module):
       start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
       positions = positions + start.value
       start.value = start.value + length
+    # At the scale of the token embeddings they are added to (_EMBED_INIT): at 0.02
+    # a token's place in the grid was 2% of its input and, after the pre-norm, near
+    # invisible, so small runs learned where objects go (and so what the prompt
+    # asks for there) very late.
     row_embedding = self.param(
       "row_embedding",
-      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+      nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")),
       (rows, cfg.embed_dim),
       jnp.float32,
     )
     col_embedding = self.param(
       "col_embedding",
-      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+      nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")),
       (cols, cfg.embed_dim),
       jnp.float32,
     )

@@ -31,6 +31,7 @@ from parti import checkpoints, flops, gin_utils, metric_logging, optim, partitio
 from parti import samples as samples_lib
 from parti.config import PartiConfig
 from parti.errors import ConfigError
+from parti.model import embeddings_from_codebook, with_image_embeddings
 from parti.samples import SampleConfig
 from parti.trainer import (
   RAW_IMAGE_FEATURES,
@@ -86,7 +87,7 @@ def train(
   task_feature_lengths: Mapping[str, int],
   batch_size: int,
   num_steps: int,
-  optimizer: optim.AdafactorConfig = optim.AdafactorConfig(),
+  optimizer: optim.AdafactorConfig | optim.AdamConfig = optim.AdafactorConfig(),
   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
   microbatches: int = 1,
   label_smoothing: float = 0.0,
@@ -94,6 +95,7 @@ def train(
   tokenizer_dir: str | None = None,
   pre_encoded_dir: str | None = None,
   init_from: str | None = None,
+  image_embeddings_from_codebook: bool = False,
   train_split: str = "train",
   eval_split: str | None = "validation",
   eval_every: int = 1000,
@@ -117,7 +119,7 @@ def train(
       pre-encoded tasks, {"inputs": ..., "image": side} for raw-image tasks.
     batch_size: global batch size (split over hosts and the mesh's data axes).
     num_steps: the step at which training stops.
-    optimizer: Parti's Adafactor and learning-rate schedule.
+    optimizer: Parti's Adafactor, or Adam (small runs), and its learning-rate schedule.
     mesh: device mesh and logical-axis rules.
     microbatches: gradient accumulation: each step runs this many microbatches.
     label_smoothing: label smoothing of the cross-entropy.
@@ -127,6 +129,9 @@ def train(
       `mixture_or_task_name` over it.
     init_from: another run's MODEL_DIR whose latest parameters start this run
       (fine-tuning); ignored when this run has checkpoints of its own.
+    image_embeddings_from_codebook: a new run starts its image-token embeddings
+      from the codebook of the tokenizer that codes its images (see
+      `parti.model.embeddings_from_codebook`); small runs learn several times faster.
     train_split: the split to train on.
     eval_split: the split for periodic eval loss (None: no eval).
     eval_every: steps between evaluations.
@@ -200,8 +205,7 @@ def train(
   else:
     converter = feature_converters.ImageTokensFeatureConverter(bos_id=model.bos_id)
 
-  optimizer_fn = optim.adafactor(optimizer)
-  schedule = optim.warmup_exponential(optimizer)
+  optimizer_fn, schedule = optim.build(optimizer, num_steps)
   trainer = PartiTrainer(
     model,
     optimizer_fn,
@@ -236,10 +240,17 @@ def train(
     checkpointer, state, state_shardings, train_iterator
   )
   best_loss = float(meta.get("best_eval_loss", float("inf")))
+  # Wall time spent in this run's training loops, over every resume: the learning
+  # curve's x axis (parti.evaluate_shapes).
+  seconds_before = float(meta.get("train_seconds", 0.0))
   if not start:
     if init_from:
       abstract = partitioning.abstract_with_shardings(state.params, state_shardings.params)
       state = state.replace(params=_initial_params(init_from, abstract))
+    elif image_embeddings_from_codebook:
+      codebook = _tokenizer_codebook(model, tokenizer_dir, pre_encoded_dir)
+      embeddings = embeddings_from_codebook(codebook, model.embed_dim, seed)
+      state = state.replace(params=with_image_embeddings(state.params, embeddings))
     if jax.process_index() == 0:
       model_dir.mkdir(parents=True, exist_ok=True)
       model.save(model_dir / CONFIG_FILE)
@@ -297,6 +308,11 @@ def train(
     step,
     num_steps,
   )
+  loop_start = time.perf_counter()
+
+  def train_seconds() -> float:
+    return seconds_before + time.perf_counter() - loop_start
+
   try:
     with preemption.watching():
       while step < num_steps:
@@ -317,6 +333,7 @@ def train(
               f"checkpoint is in {checkpointer.directory} (steps {checkpointer.steps()})."
             )
           scalars["train/learning_rate"] = float(schedule(step - 1))
+          scalars["perf/train_seconds"] = train_seconds()
           if timed_steps:
             seconds = time.perf_counter() - timer
             rate = timed_steps / seconds
@@ -340,9 +357,8 @@ def train(
             writer.images(step, {"samples": sheet})
         if checkpointer.should_save(step) or step == num_steps or preemption.requested:
           paused = True
-          checkpoints.save_train_state(
-            checkpointer, step, state, {"best_eval_loss": best_loss}, train_iterator
-          )
+          meta = {"best_eval_loss": best_loss, "train_seconds": train_seconds()}
+          checkpoints.save_train_state(checkpointer, step, state, meta, train_iterator)
         if preemption.requested:
           logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
           break
@@ -364,6 +380,20 @@ def _initial_params(init_from: str, abstract_params):
     raise ConfigError(f"init_from: {error}") from error
   logging.info("Initialized the parameters from %s (step %d).", init_from, step)
   return params
+
+
+def _tokenizer_codebook(model: PartiConfig, tokenizer_dir, pre_encoded_dir) -> np.ndarray:
+  """The codebook of the tokenizer that codes the run's images, checked against the model."""
+  from parti.tokenizer import checkpoint_io
+
+  checkpoint = samples_lib.tokenizer_checkpoint(tokenizer_dir, pre_encoded_dir)
+  if checkpoint is None:
+    raise ConfigError(
+      "image_embeddings_from_codebook needs the run's tokenizer: set train.tokenizer_dir, "
+      "or pre-encode with a tokenizer whose folder is still where provenance.json says."
+    )
+  _, params, _ = checkpoint_io.load_for_model(checkpoint[0], model, checkpoint[1])
+  return np.asarray(params["quantizer"]["codebook"])
 
 
 def _training_samples(

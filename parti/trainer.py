@@ -141,6 +141,9 @@ class PartiTrainer:
       enable_dropout=rng is not None,
       rngs={"dropout": rng} if rng is not None else None,
     )
+    return self._objective(logits, batch)
+
+  def _objective(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     return losses.cross_entropy(
       logits,
       batch["decoder_target_tokens"],
@@ -209,8 +212,43 @@ class PartiTrainer:
     return new_state, metrics
 
   def eval_sums(self, params, batch: Batch, tokenizer_params=None) -> dict[str, jax.Array]:
-    """Summed loss, nll, correct and weight over a batch, without dropout."""
-    return self._sums(params, self.to_model_features(batch, tokenizer_params), None)
+    """Summed loss, nll, correct and weight over a batch, without dropout, and how much
+    the text helps: the nll of the same targets on the null condition (`nll_null`),
+    and both nlls over the object tokens alone (see `object_token_weights`)."""
+    batch = self.to_model_features(batch, tokenizer_params)
+    text, inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    with_text = self._logits(params, text, inputs, null=False)
+    without_text = self._logits(params, text, inputs, null=True)
+    sums = self._objective(with_text, batch)
+    objects = weights * object_token_weights(targets, self.config.image_vocab_size)
+    sums["nll_null"] = losses.cross_entropy(without_text, targets, weights)["nll"]
+    sums["object_nll"] = losses.cross_entropy(with_text, targets, objects)["nll"]
+    sums["object_nll_null"] = losses.cross_entropy(without_text, targets, objects)["nll"]
+    sums["object_weight_sum"] = jnp.sum(objects.astype(jnp.float32))
+    return sums
+
+  def _logits(self, params, text: jax.Array, inputs: jax.Array, null: bool) -> jax.Array:
+    """Teacher-forced logits without dropout, on the text or on the null condition."""
+
+    def forward(model: Parti):
+      condition = jnp.full((text.shape[0],), null)
+      encoded, mask = model.encode(text, enable_dropout=False, null=condition)
+      return model.decode(inputs, encoded, mask, enable_dropout=False)
+
+    return self.model.apply({"params": params}, method=forward)
+
+
+def object_token_weights(targets: jax.Array, vocab_size: int) -> jax.Array:
+  """1 where a target is not its image's most frequent code, else 0: [B, N] float32.
+
+  On the shapes the most frequent code is the flat background (objects never cover
+  most of an image), so these are the tokens that draw objects: the ones a prompt
+  decides. Elsewhere it is only a cheap proxy for "not background".
+  """
+  counts = jnp.sum(jax.nn.one_hot(targets, vocab_size, dtype=jnp.int32), axis=1)
+  mode = jnp.argmax(counts, axis=-1)
+  return (targets != mode[:, None]).astype(jnp.float32)
 
 
 def batch_shardings(
@@ -242,12 +280,28 @@ def jit_train_step(
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Per-token means of summed metrics (loss, accuracy, z-loss, nll)."""
+  """Per-token means of summed metrics (loss, accuracy, z-loss, nll).
+
+  With `eval_sums`' text-use sums it adds `nll_null` and `text_gap` (the null
+  condition's nll minus the text's: nats per token that the prompt is worth), and
+  the same over object tokens (`object_nll`, `object_nll_null`, `object_text_gap`).
+  A run that ignores its prompt shows a gap near 0 within its first evaluations.
+  """
   weight = jnp.maximum(sums["weight_sum"], 1.0)
-  return {
+  means = {
     "loss": sums["loss"] / weight,
     "nll": sums["nll"] / weight,
     "z_loss": sums["z_loss"] / weight,
     "accuracy": sums["correct"] / weight,
     "tokens": sums["weight_sum"],
   }
+  if "nll_null" in sums:
+    means["nll_null"] = sums["nll_null"] / weight
+    means["text_gap"] = means["nll_null"] - means["nll"]
+  if "object_weight_sum" in sums:
+    objects = jnp.maximum(sums["object_weight_sum"], 1.0)
+    means["object_nll"] = sums["object_nll"] / objects
+    means["object_nll_null"] = sums["object_nll_null"] / objects
+    means["object_text_gap"] = means["object_nll_null"] - means["object_nll"]
+    means["object_token_share"] = sums["object_weight_sum"] / weight
+  return means

@@ -16,7 +16,12 @@ from flax import linen as nn
 from parti import flops, gin_utils, optim, partitioning
 from parti.config import PartiConfig
 from parti.errors import ConfigError
-from parti.model import Parti, relative_position_bucket
+from parti.model import (
+  Parti,
+  embeddings_from_codebook,
+  relative_position_bucket,
+  with_image_embeddings,
+)
 from parti.trainer import PartiTrainer
 
 
@@ -393,3 +398,33 @@ def test_model_flops_agree_with_xla_cost_analysis():
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   expected = 4 * flops.parti_forward_flops(config)
   assert 0.9 < analysis["flops"] / expected < 1.25, analysis["flops"] / expected
+
+
+def test_embeddings_from_the_codebook_keep_its_geometry():
+  codebook = jax.random.normal(jax.random.key(0), (64, 8)) * 3.0
+  embeddings = embeddings_from_codebook(codebook, embed_dim=32, seed=1)
+  assert embeddings.shape == (64, 32)
+  # At the model's embedding scale, and with the codes' cosine similarities.
+  np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=-1), np.sqrt(32), rtol=1e-5)
+  unit = codebook / jnp.linalg.norm(codebook, axis=-1, keepdims=True)
+  np.testing.assert_allclose(embeddings @ embeddings.T, 32 * unit @ unit.T, atol=1e-3)
+  # A codebook wider than the model is cut to its width rather than refused.
+  assert embeddings_from_codebook(codebook, embed_dim=4).shape == (64, 4)
+
+
+def test_image_embeddings_replace_only_the_codes_rows(mesh_4x2):
+  config = PartiConfig(
+    text_vocab_size=64, text_length=8, image_vocab_size=16, image_grid=(2, 2), embed_dim=16,
+    mlp_dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, dtype="float32",
+  )  # fmt: skip
+  trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()))
+  rules = partitioning.rules_for(MESH_LAYOUTS["4x2"])
+  state, shardings = partitioning.init_sharded(lambda: trainer.init(0), mesh_4x2, rules)
+  embeddings = jnp.arange(16 * 16, dtype=jnp.float32).reshape(16, 16)
+  params = with_image_embeddings(state.params, embeddings)
+  table = params["decoder"]["token_embedding"]["embedding"]
+  before = state.params["decoder"]["token_embedding"]["embedding"]
+  np.testing.assert_array_equal(table[:16], embeddings)
+  np.testing.assert_array_equal(table[16:], before[16:])  # BOS and padding rows.
+  assert table.sharding == shardings.params["decoder"]["token_embedding"]["embedding"]
+  assert params["encoder"] is state.params["encoder"]

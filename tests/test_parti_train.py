@@ -8,15 +8,22 @@ import pathlib
 import signal
 
 import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import as_gin, run_on_two_hosts
+from flax import linen as nn
 from PIL import Image
 
-from parti import gin_utils, metric_logging, optim, partitioning
+from parti import checkpoints, gin_utils, metric_logging, optim, partitioning
+from parti import trainer as trainer_lib
 from parti.config import PartiConfig
 from parti.errors import ConfigError
+from parti.model import embeddings_from_codebook
 from parti.samples import SampleConfig, tokenizer_checkpoint
+from parti.tokenizer import checkpoint_io
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +108,12 @@ def test_training_writes_metrics_checkpoints_and_configs(uninterrupted):
     assert key in rows[8], key
   assert rows[8]["perf/tokens_per_second"] > 0 and 0 < rows[8]["perf/mfu"] < 1
   assert rows[8]["eval/loss"] < rows[4]["eval/loss"]  # It learns the caption -> tokens map.
+  # ... and the text-use metric sees it: the caption is worth more nats as it learns.
+  for step in (4, 8):
+    gap = rows[step]["eval/nll_null"] - rows[step]["eval/nll"]
+    assert rows[step]["eval/text_gap"] == pytest.approx(gap, abs=1e-5)
+    assert "eval/object_text_gap" in rows[step]
+  assert rows[8]["eval/text_gap"] > rows[4]["eval/text_gap"] > 0
   assert rows[8]["train/loss"] < rows[1]["train/loss"]
   assert (uninterrupted / "parti_config.json").exists()
   assert PartiConfig.load(uninterrupted / "parti_config.json") == tiny_model()
@@ -169,10 +182,11 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_keeps_the_last_good(
     ({"mixture_or_task_name": "no_such_task", "pre_encoded_dir": None}, "Unknown seqio task"),
     ({"model": tiny_model(text_vocab_size=50)}, "text vocabulary"),
     ({"init_from": "/nonexistent/run"}, "init_from"),
+    ({"image_embeddings_from_codebook": True}, "needs the run's tokenizer"),
   ],
   ids=[
     "mesh", "batch", "microbatches", "feature_keys", "targets_length", "task",
-    "text_vocab", "init_from",
+    "text_vocab", "init_from", "codebook_without_tokenizer",
   ],
 )  # fmt: skip
 def test_bad_configs_fail_at_start_up(tmp_path, tokens_dir, overrides, message):
@@ -226,6 +240,19 @@ def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shape
   sheet = Image.open(tmp_path / "images" / "samples_0000002.png")
   assert sheet.size == (4 * 128, 128 + 44)  # One row of 3 (of 4 columns): image and caption.
   assert np.asarray(sheet)[:128, : 3 * 128].std() > 0
+  # A run may start its image-token embeddings from that tokenizer's codebook.
+  run(
+    tmp_path / "codebook", None, model=model, mixture_or_task_name=shapes_task_name,
+    task_feature_lengths={"inputs": 32, "image": 32}, tokenizer_dir=str(trained_tokenizer),
+    pre_encoded_dir=None, num_steps=1, eval_split=None, checkpoint_every=1,
+    mesh=partitioning.MeshConfig(data=8), image_embeddings_from_codebook=True,
+    optimizer=optim.AdamConfig(learning_rate=1e-4, warmup_steps=0),
+  )  # fmt: skip
+  _, tokenizer_params, _ = checkpoint_io.load_params(trained_tokenizer)
+  expected = embeddings_from_codebook(tokenizer_params["quantizer"]["codebook"], model.embed_dim)
+  params = checkpoints.restore_params(tmp_path / "codebook", None)[1]
+  table = np.asarray(params["decoder"]["token_embedding"]["embedding"])
+  np.testing.assert_allclose(table[: model.image_vocab_size], expected, atol=2e-3)
   with pytest.raises(ConfigError, match="tokenizer_dir"):
     run(
       tmp_path / "no_tokenizer", None, model=model, mixture_or_task_name=shapes_task_name,
@@ -281,3 +308,63 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
   assert (saved / "4").is_dir()
   hosts_saved = {p.name.split(".")[0] for p in (saved / "input_state" / "4").iterdir()}
   assert hosts_saved == {"input_state_00000", "input_state_00001"}
+
+
+def test_object_tokens_are_those_off_their_images_most_frequent_code():
+  targets = jnp.array([[5, 5, 5, 2, 5, 7], [1, 1, 3, 1, 3, 1]])
+  weights = trainer_lib.object_token_weights(targets, vocab_size=8)
+  np.testing.assert_array_equal(weights, [[0, 0, 0, 1, 0, 1], [0, 0, 1, 0, 1, 0]])
+
+
+def test_eval_sums_score_the_same_targets_with_and_without_the_text():
+  config = tiny_model(cfg_dropout_rate=0.1)
+  trainer = trainer_lib.PartiTrainer(config, optax.sgd(0.1))
+  params = nn.meta.unbox(trainer.init_params(jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.integers(2, 128, (4, 16)), jnp.int32)
+  targets = jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32)
+  targets = targets.at[:, :10].set(7)  # Code 7 is every image's background.
+  batch = {
+    "encoder_input_tokens": text,
+    "decoder_input_tokens": jnp.concatenate([jnp.full((4, 1), 64), targets[:, :-1]], 1),
+    "decoder_target_tokens": targets,
+    "decoder_loss_weights": jnp.ones_like(targets),
+  }
+  sums = trainer.eval_sums(params, batch)
+  model = trainer.model
+
+  def nll(null, mask):
+    def forward(m):
+      encoded, enc_mask = m.encode(text, null=jnp.full((4,), null))
+      return m.decode(batch["decoder_input_tokens"], encoded, enc_mask)
+
+    logits = model.apply({"params": params}, method=forward)
+    per_token = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    return float(jnp.sum(per_token * mask))
+
+  objects = np.asarray(targets != 7, np.float32)
+  assert float(sums["nll"]) == pytest.approx(nll(False, 1.0), rel=1e-5)
+  assert float(sums["nll_null"]) == pytest.approx(nll(True, 1.0), rel=1e-5)
+  assert float(sums["object_nll"]) == pytest.approx(nll(False, objects), rel=1e-5)
+  assert float(sums["object_nll_null"]) == pytest.approx(nll(True, objects), rel=1e-5)
+  assert float(sums["object_weight_sum"]) == objects.sum()
+  # The null condition really replaces the text: the two scores differ.
+  assert abs(float(sums["nll_null"]) - float(sums["nll"])) > 1e-4
+  means = trainer_lib.summarize(sums)
+  assert float(means["object_text_gap"]) == pytest.approx(
+    (nll(True, objects) - nll(False, objects)) / objects.sum(), rel=1e-4
+  )
+
+
+def test_adam_trains_small_runs_on_its_own_schedule(tmp_path, tokens_dir):
+  adam = optim.AdamConfig(
+    learning_rate=1e-2, final_learning_rate=1e-3, warmup_steps=2, weight_decay=0.0
+  )
+  run(tmp_path, tokens_dir, optimizer=adam)
+  rows = metric_logging.read_metrics(tmp_path)
+  schedule = optim.warmup_cosine(adam, 8)
+  for step in (1, 2, 5, 8):
+    assert rows[step]["train/learning_rate"] == pytest.approx(float(schedule(step - 1)))
+  assert rows[8]["eval/loss"] < rows[4]["eval/loss"]
+  with pytest.raises(ConfigError, match="warmup_steps"):
+    run(tmp_path / "bad", tokens_dir, optimizer=optim.AdamConfig(warmup_steps=8))
