@@ -12,7 +12,9 @@ index), so no prepared dataset or TensorFlow is needed. With `reranker_dir`, the
 contrastive model's CLIP-style score (100 * max(cosine, 0), averaged) is reported
 beside the accuracy. OUTPUT_DIR receives
 `shapes_eval.json`, `report.md` (tables per λ and split), `accuracy_vs_guidance.png`
-and a contact sheet of samples per λ and split.
+and a contact sheet of samples per λ and split. With `learning_curve_examples`, every
+checkpoint the run kept is scored too (at `learning_curve_scale`), against the training
+time it had reached: `learning_curve.png` and a table in the report.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from parti.tasks.shapes import evaluate, scenes, spec
 REPORT_JSON = "shapes_eval.json"
 REPORT = "report.md"
 PLOT = "accuracy_vs_guidance.png"
+CURVE_PLOT = "learning_curve.png"
 
 
 def evaluate_shapes(
@@ -61,6 +64,8 @@ def evaluate_shapes(
   vocabulary: str | None = None,
   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
   reranker_dir: str | None = None,
+  learning_curve_examples: int = 0,
+  learning_curve_scale: float = 1.0,
 ) -> dict:
   """Returns {λ: {split: kind -> attribute -> accuracy}} and writes the report.
 
@@ -79,9 +84,12 @@ def evaluate_shapes(
     vocabulary: the SentencePiece model of the run (default: the shapes one).
     mesh: device mesh and logical-axis rules.
     reranker_dir: a `parti.train_contrastive` run whose CLIP-style score is also reported.
+    learning_curve_examples: prompts per split to score each kept checkpoint on
+      (0: no learning curve).
+    learning_curve_scale: the guidance scale of the learning curve.
   """
   unknown = [s for s in splits if s not in spec.SPLITS]
-  if unknown or examples < 1 or not guidance_scales:
+  if unknown or examples < 1 or not guidance_scales or learning_curve_examples < 0:
     raise ConfigError(
       f"Evaluate known splits {spec.SPLITS} with examples >= 1 and at least one guidance "
       f"scale; got splits {list(splits)}, examples {examples}, scales {list(guidance_scales)}."
@@ -128,12 +136,29 @@ def evaluate_shapes(
         )
         files.atomic_write_bytes(out / f"samples_{split}_guidance_{scale}.png", sheet)
       progress.update(number * len(splits) + offset + 1, len(split_scenes))
+  curve = []
+  if learning_curve_examples:
+    curve = _learning_curve(
+      checkpoint_dir, (config, tok_config, tok_params), device_mesh, rules, encoder,
+      {s: v[:learning_curve_examples] for s, v in by_split.items()},
+      infer.SamplingOptions(
+        guidance_scale=float(learning_curve_scale), temperature=temperature, top_k=top_k,
+        seed=seed,
+      ),
+      batch_size,
+    )  # fmt: skip
   if jax.process_index() == 0:
     record = {"checkpoint": checkpoint_dir, "step": step, "results": results}
+    if curve:
+      record["learning_curve"] = {"guidance_scale": learning_curve_scale, "points": curve}
+      files.atomic_write_bytes(out / CURVE_PLOT, _curve_plot(curve))
     if reranker:
       record.update(reranker=reranker_dir, reranker_step=reranker.step, clip_scores=clip_scores)
     files.atomic_write_json(out / REPORT_JSON, record)
-    files.atomic_write_text(out / REPORT, _markdown(results, checkpoint_dir, step, clip_scores))
+    report = _markdown(results, checkpoint_dir, step, clip_scores)
+    if curve:
+      report += _curve_markdown(curve, learning_curve_scale)
+    files.atomic_write_text(out / REPORT, report)
     files.atomic_write_bytes(out / PLOT, _plot(results))
     gin_utils.write_operative_config(out)
   return results
@@ -189,41 +214,112 @@ def _markdown(results: dict, checkpoint_dir: str, step: int, clip_scores: dict) 
   return "\n".join(lines) + "\n"
 
 
-def _plot(results: dict, width: int = 560, height: int = 360) -> bytes:
+def _plot(results: dict) -> bytes:
   """A line per split: overall accuracy (all attributes right) against λ."""
-  scales = [float(s) for s in results]
   splits = list(next(iter(results.values())))
+  series = {
+    split: [(float(s), results[s][split]["overall"].get("all", 0.0)) for s in results]
+    for split in splits
+  }
+  return _line_plot(series, "guidance scale", "shapes evaluator: all attributes right")
+
+
+def _curve_plot(curve: list[dict]) -> bytes:
+  """A line per split: overall accuracy against the run's training seconds."""
+  series: dict[str, list[tuple[float, float]]] = {}
+  for point in curve:
+    for split, accuracy in point["all"].items():
+      series.setdefault(split, []).append((point["train_seconds"], accuracy))
+  return _line_plot(series, "training seconds", "learning curve: all attributes right")
+
+
+def _line_plot(
+  series: dict[str, list[tuple[float, float]]],
+  x_label: str,
+  title: str,
+  width: int = 560,
+  height: int = 360,
+) -> bytes:
+  """PNG of one line per series of (x, accuracy in [0, 1]) points."""
+  xs = [x for points in series.values() for x, _ in points]
   image = Image.new("RGB", (width, height), "white")
   draw = ImageDraw.Draw(image)
   left, right, top, bottom = 60, width - 20, 30, height - 50
   draw.rectangle([left, top, right, bottom], outline="black")
-  low, high = min(scales), max(scales)
+  low, high = min(xs), max(xs)
   span = high - low or 1.0
 
-  def xy(scale, accuracy):
-    return (left + (scale - low) / span * (right - left), bottom - accuracy * (bottom - top))
+  def xy(x, accuracy):
+    return (left + (x - low) / span * (right - left), bottom - accuracy * (bottom - top))
 
   for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
     y = xy(low, tick)[1]
     draw.line([left - 4, y, left, y], fill="black")
     draw.text((8, y - 6), f"{100 * tick:.0f}%", fill="black")
-  for scale in scales:
-    x = xy(scale, 0)[0]
-    draw.text((x - 8, bottom + 6), f"{scale:g}", fill="black")
-  draw.text(((left + right) // 2 - 50, height - 22), "guidance scale", fill="black")
-  draw.text((left, 8), "shapes evaluator: all attributes right", fill="black")
+  for x in sorted(set(xs)):
+    draw.text((xy(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+  draw.text(((left + right) // 2 - 50, height - 22), x_label, fill="black")
+  draw.text((left, 8), title, fill="black")
   colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-  for index, split in enumerate(splits):
-    points = [xy(float(s), results[s][split]["overall"].get("all", 0.0)) for s in results]
+  for index, (label, points) in enumerate(series.items()):
+    pixels = [xy(x, y) for x, y in points]
     color = colors[index % len(colors)]
-    if len(points) > 1:
-      draw.line(points, fill=color, width=2)
-    for x, y in points:
+    if len(pixels) > 1:
+      draw.line(pixels, fill=color, width=2)
+    for x, y in pixels:
       draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    draw.text((right - 110, top + 8 + 14 * index), split, fill=color)
+    draw.text((right - 110, top + 8 + 14 * index), label, fill=color)
   buffer = io.BytesIO()
   image.save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def _learning_curve(
+  checkpoint_dir, model, mesh, rules, encoder, by_split, options, batch_size
+) -> list[dict]:
+  """Each kept checkpoint's all-attributes accuracy per split, with its training time.
+
+  The time is the run's `perf/train_seconds` logged at that step (training loops
+  only, summed over resumes), so curves of runs on other machines compare by cost.
+  """
+  config, tok_config, tok_params = model
+  folder = pathlib.Path(checkpoint_dir) / "checkpoints"
+  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  logged = metric_logging.read_metrics(checkpoint_dir)
+  curve = []
+  for step in steps:
+    _, params, shardings, _ = infer.load_model(checkpoint_dir, mesh, rules, step)
+    generate = infer.make_generator(config, tok_config, options, mesh, rules, shardings)
+    accuracy = {}
+    for split, split_scenes in by_split.items():
+      images = _generate(generate, params, tok_params, split_scenes, encoder, options, batch_size)
+      scores = [
+        evaluate.score(image, s)["all"] for s, image in zip(split_scenes, images, strict=True)
+      ]
+      accuracy[split] = float(np.mean(scores))
+    seconds = logged.get(step, {}).get("perf/train_seconds", float("nan"))
+    logging.info("Learning curve: step %d (%.0f s of training): %s", step, seconds, accuracy)
+    curve.append({"step": step, "train_seconds": seconds, "all": accuracy, "prompts": {
+      split: len(v) for split, v in by_split.items()
+    }})  # fmt: skip
+  return curve
+
+
+def _curve_markdown(curve: list[dict], scale: float) -> str:
+  splits = list(curve[0]["all"])
+  lines = [
+    "",
+    f"## Learning curve (λ = {scale}, {curve[0]['prompts'][splits[0]]} prompts per split)",
+    "",
+    f"![learning curve]({CURVE_PLOT})",
+    "",
+    "| step | training seconds | " + " | ".join(splits) + " |",
+    "|---|---|" + "---|" * len(splits),
+  ]
+  for point in curve:
+    cells = " | ".join(f"{100 * point['all'][s]:.1f}%" for s in splits)
+    lines.append(f"| {point['step']} | {point['train_seconds']:.0f} | {cells} |")
+  return "\n".join(lines) + "\n"
 
 
 configured_evaluate_shapes = gin.external_configurable(evaluate_shapes)
