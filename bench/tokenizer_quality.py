@@ -3,11 +3,14 @@ on reconstructions, after training with a gin config.
 
     python bench/tokenizer_quality.py --data_dir=runs/tfds [--gin_file=gin/tokenizer/tiny_shapes.gin]
       [--gin.train_tokenizer.num_steps=300] [--model_dir=runs/bench_tokenizer]
+    python bench/tokenizer_quality.py --dataset=48_20k --gin_file=gin/demo/tokenizer.gin \
+      --data_dir=runs/demo/tfds --model_dir=runs/demo/tokenizer   # the demo's, as trained
 
-Prepares parti_shapes/64_10k in --data_dir if needed, trains (or resumes) in
---model_dir, then reconstructs the test split and reports: PSNR, the fraction of
-codes used, the training wall time, and the share of ground-truth scenes the
-shapes evaluator still scores correct after encode -> decode.
+Prepares parti_shapes/DATASET in --data_dir if needed, trains (or resumes) in
+--model_dir, then reconstructs --split and reports: PSNR, the fraction of codes
+used, the training wall time, and the share of ground-truth scenes the shapes
+evaluator still scores correct after encode -> decode. A finished --model_dir is
+only evaluated.
 """
 
 import pathlib
@@ -26,12 +29,14 @@ from parti.tokenizer import api, train
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/tfds", "TFDS data dir (prepared if missing).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "runs/bench_tokenizer", "Where the tokenizer trains.")
-_EXAMPLES = flags.DEFINE_integer("examples", 500, "Test examples to reconstruct.")
+_EXAMPLES = flags.DEFINE_integer("examples", 500, "Examples of --split to reconstruct.")
+_DATASET = flags.DEFINE_string("dataset", "64_10k", "The parti_shapes config.")
+_SPLIT = flags.DEFINE_string("split", "test", "The split reconstructed.")
 
 
 def main(argv):
   del argv
-  shapes = prepare_shapes.prepare_shapes(data_dir=_DATA_DIR.value, config="64_10k")
+  shapes = prepare_shapes.prepare_shapes(data_dir=_DATA_DIR.value, config=_DATASET.value)
   files = gin_utils._GIN_FILES.value or ["gin/tokenizer/tiny_shapes.gin"]
   bindings = [f"MODEL_DIR = '{_MODEL_DIR.value}'", f"TFDS_DATA_DIR = '{_DATA_DIR.value}'"]
   gin_utils.parse(files, bindings + list(gin_utils._GIN_BINDINGS.value))
@@ -42,7 +47,7 @@ def main(argv):
 
   tokenizer = api.ImageTokenizer.from_checkpoint(_MODEL_DIR.value)
   examples = list(
-    tfds.as_numpy(shapes.as_dataset(split="test", shuffle_files=False).take(_EXAMPLES.value))
+    tfds.as_numpy(shapes.as_dataset(split=_SPLIT.value, shuffle_files=False).take(_EXAMPLES.value))
   )
   images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255.0
   ids = np.concatenate([tokenizer.encode(images[i : i + 50]) for i in range(0, len(images), 50)])
@@ -59,7 +64,7 @@ def main(argv):
   kept = float(np.mean([scores["all"] for _, scores in rebuilt])) if rebuilt else float("nan")
   print(f"model_dir {pathlib.Path(_MODEL_DIR.value).absolute()} (step {tokenizer.step})")
   print(f"training wall time      {seconds / 60:.1f} min (this run; 0 if it only resumed)")
-  print(f"held-out PSNR           {psnr:.2f} dB over {len(images)} test images")
+  print(f"held-out PSNR           {psnr:.2f} dB over {len(images)} {_SPLIT.value} images")
   print(f"codebook usage          {usage:.1%} of {tokenizer.codebook_size} codes")
   print(f"evaluator on recon.     {kept:.1%} of {len(truth)} correctly scored ground-truth scenes")
   print("per attribute, on the reconstructions of those scenes:")

@@ -1,17 +1,17 @@
 """The end-to-end demo: every stage of the system, each run as its real job with its gin file.
 
-    python -m parti.demo --runs_dir=runs/demo              # about 10 minutes on 2 CPU cores
-    python -m parti.demo --runs_dir=runs/demo_long --long  # about an hour, better quality
+    python -m parti.demo --runs_dir=runs/demo              # about 8 minutes on 2 CPU cores
+    python -m parti.demo --runs_dir=runs/demo_long --long  # about 25 minutes, trained longer
 
 Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
 
-  1. data       prepare the 64x64 shapes (10k training scenes)    parti.tasks.prepare_shapes
+  1. data       prepare the 48x48 shapes (20k training scenes)    parti.tasks.prepare_shapes
   2. vocab      train the SentencePiece vocabulary on captions    parti.tasks.train_vocab
-  3. tokenizer  train the tiny ViT-VQGAN                          parti.tokenizer.train
+  3. tokenizer  train the ViT-VQGAN (3x3 tokens of 2048 codes)    parti.tokenizer.train
   4. encode     pre-encode the dataset to image tokens            parti.tokenizer.encode
   5. parti      train the tiny Parti with CFG dropout             parti.train
   6. infer      batch inference on held-out prompts               parti.infer
-  7. evaluate   shapes faithfulness with and without guidance     parti.evaluate_shapes
+  7. evaluate   faithfulness over guidance, and learning curve    parti.evaluate_shapes
 
 Each stage is a subprocess running `python -m MODULE --gin_file=... --gin.KEY=...`,
 the same command a TPU-pod user runs with bigger configs. A stage that finishes
@@ -213,16 +213,28 @@ def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
       f"Tokenizer: held-out PSNR {tokenizer.get('eval/psnr', float('nan')):.1f} dB, "
       f"codebook usage {100 * tokenizer.get('eval/codebook_usage', float('nan')):.0f}%."
     )
-  parti = _last_metrics(runs / "parti", ["eval/loss", "eval/accuracy"])
+  parti = _last_metrics(runs / "parti", ["eval/loss", "eval/text_gap", "eval/object_text_gap"])
   if parti:
-    print(f"Parti: held-out loss {parti.get('eval/loss', float('nan')):.3f}.")
+    print(
+      f"Parti: held-out loss {parti.get('eval/loss', float('nan')):.3f}; the prompt is worth "
+      f"{parti.get('eval/text_gap', float('nan')):.2f} nats per token, "
+      f"{parti.get('eval/object_text_gap', float('nan')):.2f} per object token."
+    )
   results_file = runs / "evaluate" / evaluate_shapes.REPORT_JSON
   if results_file.is_file():
-    print(summary_table(json.loads(results_file.read_text())["results"]))
+    results = json.loads(results_file.read_text())["results"]
+    prompts = {
+      split: int(table["overall"]["prompts"])
+      for split, table in next(iter(results.values())).items()
+    }
+    counts = ", ".join(f"{n} {split}" for split, n in prompts.items())
+    print(f"Faithfulness (all attributes right; prompts: {counts}):")
+    print(summary_table(results))
   for label, path in (
     ("gallery", runs / "infer" / "index.html"),
     ("evaluation report", runs / "evaluate" / evaluate_shapes.REPORT),
     ("accuracy vs guidance", runs / "evaluate" / evaluate_shapes.PLOT),
+    ("learning curve", runs / "evaluate" / evaluate_shapes.CURVE_PLOT),
     ("tokenizer reconstructions", runs / "tokenizer"),
   ):
     if path.exists():
@@ -267,6 +279,6 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that parti.scaling can import this module.
   flags.DEFINE_string("runs_dir", "runs/demo", "Where every stage writes.")
-  flags.DEFINE_bool("long", False, "The ~1 hour variant: longer training, better quality.")
+  flags.DEFINE_bool("long", False, "The longer variant (~25 minutes): more training.")
   flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
   app.run(main)

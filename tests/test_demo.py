@@ -122,9 +122,16 @@ def test_the_summary_reads_the_jobs_outputs(tmp_path, capsys):
   (tmp_path / "tokenizer" / "metrics.jsonl").write_text(
     json.dumps({"step": 250, "eval/psnr": 24.5, "eval/codebook_usage": 0.9}) + "\n"
   )
+  (tmp_path / "parti").mkdir()
+  (tmp_path / "parti" / "metrics.jsonl").write_text(
+    json.dumps({"step": 9, "eval/loss": 1.5, "eval/text_gap": 0.4, "eval/object_text_gap": 2.25})
+    + "\n"
+  )
   (tmp_path / "data.done").write_text(json.dumps({"seconds": 30.0}))
   demo._summary(tmp_path, demo.stages(tmp_path))
   out = capsys.readouterr().out
   assert "All stages: 0m30s" in out
   assert "held-out PSNR 24.5 dB, codebook usage 90%" in out
+  assert "worth 0.40 nats per token, 2.25 per object token" in out
+  assert "prompts: 2 test" in out
   assert "| overall | 50% |" in out

@@ -31,8 +31,12 @@ def test_examples_hold_the_scene_they_render(prepared):
 
 def test_named_configs():
   names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
-  assert names == {"32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64}
+  assert names == {"32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48}
   assert builder.PartiShapes.DEFAULT_CONFIG_NAME == "64"
+  demo = next(c for c in builder.PartiShapes.BUILDER_CONFIGS if c.name == "48_20k")
+  assert demo.split_sizes == {
+    "train": 20_000, "validation": 500, "test": 500, "compositional": 500
+  }  # fmt: skip
 
 
 @pytest.mark.parametrize(

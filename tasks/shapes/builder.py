@@ -1,14 +1,13 @@
 """`parti_shapes`: the procedural shapes dataset as a TFDS builder.
 
     import tensorflow_datasets as tfds
-from etils import epath
     from parti.tasks.shapes import builder  # registers parti_shapes
     ds = tfds.load("parti_shapes/64", split="test", data_dir=...)
 
 Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
-training examples; `64_10k` is the demo's smaller cut. A custom size or count is
-a `PartiShapesConfig` passed as `config=`. Example i of split s is a pure
-function of (seed, s, i), so every machine prepares the same bytes.
+training examples; `64_10k` and `48_20k` (the demo's) are smaller cuts. A custom
+size or count is a `PartiShapesConfig` passed as `config=`. Example i of split s is
+a pure function of (seed, s, i), so every machine prepares the same bytes.
 """
 
 from __future__ import annotations
@@ -72,6 +71,9 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     PartiShapesConfig(image_size=128),
     PartiShapesConfig(image_size=256),
     PartiShapesConfig(name="64_10k", image_size=64, num_train=10_000, num_validation=500,
+                      num_test=500, num_compositional=500),
+    # The demo's: 48 px puts each cell of the 3x3 layout on a 16 px patch.
+    PartiShapesConfig(name="48_20k", image_size=48, num_train=20_000, num_validation=500,
                       num_test=500, num_compositional=500),
   ]  # fmt: skip
   DEFAULT_CONFIG_NAME = "64"
