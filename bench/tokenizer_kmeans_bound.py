@@ -1,6 +1,8 @@
 """How well can any tokenizer that codes each patch on its own preserve the shapes?
 
-    python bench/tokenizer_kmeans_bound.py --data_dir=runs/demo/tfds [--codes=512,2048,8192]
+    python bench/tokenizer_kmeans_bound.py --data_dir=runs/tfds [--codes=512,2048,8192]
+    python bench/tokenizer_kmeans_bound.py --data_dir=runs/demo/tfds --dataset=48_20k \
+      --patch=16 --train_images=20000 --codes=1024,2048,4096   # the demo's grid
 
 k-means on the training images' p x p patches is the best per-patch codebook for L2
 (up to its local optimum): a tokenizer of size "patch" (no attention blocks) can at
@@ -24,6 +26,7 @@ from parti.tasks.shapes import evaluate, scenes
 from parti.tokenizer import model
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/tfds", "TFDS data dir (prepared if missing).")
+_DATASET = flags.DEFINE_string("dataset", "64_10k", "The parti_shapes config.")
 _CODES = flags.DEFINE_list("codes", ["512", "2048", "8192"], "Codebook sizes to fit.")
 _PATCH = flags.DEFINE_integer("patch", 4, "Patch side, as the tokenizer's patch_size.")
 _TRAIN = flags.DEFINE_integer("train_images", 3000, "Training images whose patches are fit.")
@@ -57,7 +60,7 @@ def kmeans(points: jax.Array, k: int, rng: np.random.Generator) -> jax.Array:
 
 def main(argv):
   del argv
-  shapes = prepare_shapes.prepare_shapes(data_dir=_DATA_DIR.value, config="64_10k")
+  shapes = prepare_shapes.prepare_shapes(data_dir=_DATA_DIR.value, config=_DATASET.value)
   read = lambda split, n: list(  # noqa: E731
     tfds.as_numpy(shapes.as_dataset(split=split, shuffle_files=False).take(n))
   )

@@ -227,7 +227,7 @@ def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
       split: int(table["overall"]["prompts"])
       for split, table in next(iter(results.values())).items()
     }
-    counts = ", ".join(f"{n} {split}" for split, n in prompts.items())
+    counts = ", ".join(f"{prompts[split]} {split}" for split in sorted(prompts, key=_split_order))
     print(f"Faithfulness (all attributes right; prompts: {counts}):")
     print(summary_table(results))
   for label, path in (
@@ -241,16 +241,19 @@ def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
       print(f"{label}: {path}")
 
 
+def _split_order(split: str) -> int:
+  from parti.tasks.shapes import spec
+
+  return spec.SPLITS.index(split) if split in spec.SPLITS else len(spec.SPLITS)
+
+
 def summary_table(results: dict) -> str:
   """Faithfulness (all attributes right) by prompt kind, a column per (split, λ)."""
   from parti.tasks.shapes import spec
 
-  def split_order(split: str) -> int:
-    return spec.SPLITS.index(split) if split in spec.SPLITS else len(spec.SPLITS)
-
   scales = sorted(results, key=float)
   columns = [
-    (split, scale) for scale in scales for split in sorted(results[scale], key=split_order)
+    (split, scale) for scale in scales for split in sorted(results[scale], key=_split_order)
   ]
   present = {kind for split, scale in columns for kind in results[scale][split]}
   # The evaluator's order of prompt kinds (JSON may have sorted them), "overall" last.

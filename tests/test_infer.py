@@ -322,6 +322,45 @@ def test_shapes_evaluation_scores_each_image_against_its_own_prompt(
   assert "CLIP-style score" in (tmp_path / evaluate_shapes.REPORT).read_text()
 
 
+def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
+  tmp_path, trained_tokenizer, monkeypatch
+):
+  from parti import evaluate_shapes
+  from parti.tasks.shapes import render
+
+  run_dir = tmp_path / "run"
+  _save_run(run_dir, _tiny_parti(), step=3)
+  _save_run(run_dir, _tiny_parti(), step=7)
+  rows = [{"step": 3, "perf/train_seconds": 1.5}, {"step": 7, "perf/train_seconds": 4.0}]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  calls = []
+
+  def truth_except_at_step_3(generate, params, tok_params, split_scenes, *args):
+    # Calls come as the λ sweep (one per split), then the curve's checkpoints in order.
+    calls.append(len(split_scenes))
+    blank = 3 <= len(calls) <= 4
+    return [render.render(s, 64) * (0 if blank else 1) for s in split_scenes]
+
+  monkeypatch.setattr(evaluate_shapes, "_generate", truth_except_at_step_3)
+  evaluate_shapes.evaluate_shapes(
+    checkpoint_dir=str(run_dir), tokenizer_dir=str(trained_tokenizer),
+    output_dir=str(tmp_path / "eval"), guidance_scales=(1.0,), examples=6, batch_size=4,
+    mesh=MESH, learning_curve_examples=4, learning_curve_scale=2.0,
+  )  # fmt: skip
+  assert calls == [6, 6, 4, 4, 4, 4]
+  saved = json.loads((tmp_path / "eval" / evaluate_shapes.REPORT_JSON).read_text())
+  curve = saved["learning_curve"]
+  assert curve["guidance_scale"] == 2.0
+  assert [(p["step"], p["train_seconds"]) for p in curve["points"]] == [(3, 1.5), (7, 4.0)]
+  assert [p["all"] for p in curve["points"]] == [
+    {"test": 0.0, "compositional": 0.0},
+    {"test": 1.0, "compositional": 1.0},
+  ]
+  report = (tmp_path / "eval" / evaluate_shapes.REPORT).read_text()
+  assert "| 7 | 4 | 100.0% | 100.0% |" in report and "4 prompts per split" in report
+  assert Image.open(tmp_path / "eval" / evaluate_shapes.CURVE_PLOT).size == (560, 360)
+
+
 def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_tokenizer):
   from parti import evaluate_shapes
 
