@@ -257,7 +257,7 @@ def _line_plot(
     draw.line([left - 4, y, left, y], fill="black")
     draw.text((8, y - 6), f"{100 * tick:.0f}%", fill="black")
   for x in sorted(set(xs)):
-    draw.text((xy(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+    draw.text((xy(x, 0)[0] - 8, bottom + 6), f"{x:.3g}", fill="black")
   draw.text(((left + right) // 2 - 50, height - 22), x_label, fill="black")
   draw.text((left, 8), title, fill="black")
   colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]

@@ -240,8 +240,8 @@ def train(
     checkpointer, state, state_shardings, train_iterator
   )
   best_loss = float(meta.get("best_eval_loss", float("inf")))
-  # Wall time spent in this run's training loops, over every resume: the learning
-  # curve's x axis (parti.evaluate_shapes).
+  # Wall time of this run's training loops (their evaluations and checkpoints
+  # included), summed over resumes: the learning curve's x axis (parti.evaluate_shapes).
   seconds_before = float(meta.get("train_seconds", 0.0))
   if not start:
     if init_from:

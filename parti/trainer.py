@@ -246,7 +246,9 @@ def object_token_weights(targets: jax.Array, vocab_size: int) -> jax.Array:
   most of an image), so these are the tokens that draw objects: the ones a prompt
   decides. Elsewhere it is only a cheap proxy for "not background".
   """
-  counts = jnp.sum(jax.nn.one_hot(targets, vocab_size, dtype=jnp.int32), axis=1)
+  # Counts [B, vocab] by a scatter-add per row; a one-hot [B, N, vocab] would be the
+  # largest array of the eval step at Parti's sizes.
+  counts = jax.vmap(lambda row: jnp.bincount(row, length=vocab_size))(targets)
   mode = jnp.argmax(counts, axis=-1)
   return (targets != mode[:, None]).astype(jnp.float32)
 
