@@ -91,8 +91,10 @@ def evaluate_shapes(
   unknown = [s for s in splits if s not in spec.SPLITS]
   if unknown or examples < 1 or not guidance_scales or learning_curve_examples < 0:
     raise ConfigError(
-      f"Evaluate known splits {spec.SPLITS} with examples >= 1 and at least one guidance "
-      f"scale; got splits {list(splits)}, examples {examples}, scales {list(guidance_scales)}."
+      f"Evaluate known splits {spec.SPLITS} with examples >= 1, at least one guidance "
+      f"scale and learning_curve_examples >= 0; got splits {list(splits)}, examples "
+      f"{examples}, scales {list(guidance_scales)}, learning_curve_examples "
+      f"{learning_curve_examples}."
     )
   device_mesh = partitioning.create_mesh(mesh)
   rules = partitioning.rules_for(mesh)
@@ -225,12 +227,15 @@ def _plot(results: dict) -> bytes:
 
 
 def _curve_plot(curve: list[dict]) -> bytes:
-  """A line per split: overall accuracy against the run's training seconds."""
+  """A line per split: overall accuracy against the run's training seconds (or its steps,
+  when its metrics do not say the time of every checkpoint, as in runs from before)."""
+  timed = all(point["train_seconds"] is not None for point in curve)
+  x_key, x_label = ("train_seconds", "training seconds") if timed else ("step", "training steps")
   series: dict[str, list[tuple[float, float]]] = {}
   for point in curve:
     for split, accuracy in point["all"].items():
-      series.setdefault(split, []).append((point["train_seconds"], accuracy))
-  return _line_plot(series, "training seconds", "learning curve: all attributes right")
+      series.setdefault(split, []).append((point[x_key], accuracy))
+  return _line_plot(series, x_label, "learning curve: all attributes right")
 
 
 def _line_plot(
@@ -297,8 +302,8 @@ def _learning_curve(
         evaluate.score(image, s)["all"] for s, image in zip(split_scenes, images, strict=True)
       ]
       accuracy[split] = float(np.mean(scores))
-    seconds = logged.get(step, {}).get("perf/train_seconds", float("nan"))
-    logging.info("Learning curve: step %d (%.0f s of training): %s", step, seconds, accuracy)
+    seconds = logged.get(step, {}).get("perf/train_seconds")  # None in runs from before.
+    logging.info("Learning curve: step %d (%s s of training): %s", step, seconds, accuracy)
     curve.append({"step": step, "train_seconds": seconds, "all": accuracy, "prompts": {
       split: len(v) for split, v in by_split.items()
     }})  # fmt: skip
@@ -318,7 +323,9 @@ def _curve_markdown(curve: list[dict], scale: float) -> str:
   ]
   for point in curve:
     cells = " | ".join(f"{100 * point['all'][s]:.1f}%" for s in splits)
-    lines.append(f"| {point['step']} | {point['train_seconds']:.0f} | {cells} |")
+    seconds = point["train_seconds"]
+    shown = "-" if seconds is None else f"{seconds:.0f}"
+    lines.append(f"| {point['step']} | {shown} | {cells} |")
   return "\n".join(lines) + "\n"
 
 

@@ -359,6 +359,16 @@ def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
   report = (tmp_path / "eval" / evaluate_shapes.REPORT).read_text()
   assert "| 7 | 4 | 100.0% | 100.0% |" in report and "4 prompts per split" in report
   assert Image.open(tmp_path / "eval" / evaluate_shapes.CURVE_PLOT).size == (560, 360)
+  # A run whose metrics lack the time of a checkpoint is plotted against steps instead.
+  (run_dir / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
+  calls.clear()
+  evaluate_shapes.evaluate_shapes(
+    checkpoint_dir=str(run_dir), tokenizer_dir=str(trained_tokenizer),
+    output_dir=str(tmp_path / "untimed"), guidance_scales=(1.0,), examples=6, batch_size=4,
+    mesh=MESH, learning_curve_examples=4,
+  )  # fmt: skip
+  assert "| 3 | - | 0.0% | 0.0% |" in (tmp_path / "untimed" / evaluate_shapes.REPORT).read_text()
+  assert (tmp_path / "untimed" / evaluate_shapes.CURVE_PLOT).is_file()
 
 
 def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_tokenizer):
