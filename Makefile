@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m parti.demo --runs_dir=$(RUNS)/demo
 
-## demo-long: the same stages trained longer (about an hour on 2 CPU cores).
+## demo-long: the same stages trained longer (6000 tokenizer and 5000 Parti steps).
 demo-long: $(STAMP)
 	$(BIN)/python -m parti.demo --runs_dir=$(RUNS)/demo_long --long
 
