@@ -284,17 +284,19 @@ def _learning_curve(
 ) -> list[dict]:
   """Each kept checkpoint's all-attributes accuracy per split, with its training time.
 
-  The time is the run's `perf/train_seconds` logged at that step (training loops
-  only, summed over resumes), so curves of runs on other machines compare by cost.
+  The time is the run's `perf/train_seconds` logged at that step (its training
+  loops' wall time, summed over resumes).
   """
   config, tok_config, tok_params = model
   folder = pathlib.Path(checkpoint_dir) / "checkpoints"
   steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
   logged = metric_logging.read_metrics(checkpoint_dir)
   curve = []
+  generate = None  # One sampler for every checkpoint: they share shapes and shardings.
   for step in steps:
     _, params, shardings, _ = infer.load_model(checkpoint_dir, mesh, rules, step)
-    generate = infer.make_generator(config, tok_config, options, mesh, rules, shardings)
+    if generate is None:
+      generate = infer.make_generator(config, tok_config, options, mesh, rules, shardings)
     accuracy = {}
     for split, split_scenes in by_split.items():
       images = _generate(generate, params, tok_params, split_scenes, encoder, options, batch_size)
