@@ -357,8 +357,8 @@ def train(
             writer.images(step, {"samples": sheet})
         if checkpointer.should_save(step) or step == num_steps or preemption.requested:
           paused = True
-          meta = {"best_eval_loss": best_loss, "train_seconds": train_seconds()}
-          checkpoints.save_train_state(checkpointer, step, state, meta, train_iterator)
+          saved = {"best_eval_loss": best_loss, "train_seconds": train_seconds()}
+          checkpoints.save_train_state(checkpointer, step, state, saved, train_iterator)
         if preemption.requested:
           logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
           break
