@@ -18,11 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
+import shapes_reconstruction as shared
 from absl import app, flags
 
 from parti.tasks import prepare_shapes
-from parti.tasks.shapes import evaluate, scenes
+from parti.tasks.shapes import evaluate
 from parti.tokenizer import model
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/tfds", "TFDS data dir (prepared if missing).")
@@ -61,14 +61,10 @@ def kmeans(points: jax.Array, k: int, rng: np.random.Generator) -> jax.Array:
 def main(argv):
   del argv
   shapes = prepare_shapes.prepare_shapes(data_dir=_DATA_DIR.value, config=_DATASET.value)
-  read = lambda split, n: list(  # noqa: E731
-    tfds.as_numpy(shapes.as_dataset(split=split, shuffle_files=False).take(n))
-  )
-  train = np.stack([e["image"] for e in read("train", _TRAIN.value)]).astype(np.float32) / 255
-  examples = read("test", _TEST.value)
-  test = np.stack([e["image"] for e in examples]).astype(np.float32) / 255
-  truth = [(e, scenes.from_example(e)) for e in examples]
-  truth = [(i, s) for i, (e, s) in enumerate(truth) if evaluate.score(e["image"], s)["all"]]
+  train = shared.images_of(shared.read_split(shapes, "train", _TRAIN.value))
+  examples = shared.read_split(shapes, "test", _TEST.value)
+  test = shared.images_of(examples)
+  truth = shared.scored_scenes(examples)
 
   rng = np.random.default_rng(0)
   points = _patches(train)
@@ -87,11 +83,8 @@ def main(argv):
     coded = centroids[_nearest(test_patches.reshape(-1, test_patches.shape[-1]), centroids)]
     recon = np.asarray(model.unpatchify(coded.reshape(test_patches.shape), _PATCH.value, grid))
     psnr = np.mean(-10 * np.log10(np.mean((recon - test) ** 2, axis=(1, 2, 3))))
-    rebuilt = [
-      (scene.kind, evaluate.score((recon[i] * 255 + 0.5).astype(np.uint8), scene))
-      for i, scene in truth
-    ]
-    kept = np.mean([scores["all"] for _, scores in rebuilt])
+    rebuilt = shared.rebuilt_scores(truth, recon)
+    kept = shared.kept(rebuilt)
     print(
       f"\n{k} codes, {_PATCH.value}x{_PATCH.value} patches: PSNR {psnr:.1f} dB, "
       f"{kept:.1%} of scenes kept ({time.perf_counter() - start:.0f} s)"

@@ -19,12 +19,12 @@ import time
 
 import gin
 import numpy as np
-import tensorflow_datasets as tfds
+import shapes_reconstruction as shared
 from absl import app, flags
 
 from parti import gin_utils
 from parti.tasks import prepare_shapes
-from parti.tasks.shapes import evaluate, scenes
+from parti.tasks.shapes import evaluate
 from parti.tokenizer import api, train
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/tfds", "TFDS data dir (prepared if missing).")
@@ -46,22 +46,16 @@ def main(argv):
   gin.clear_config()
 
   tokenizer = api.ImageTokenizer.from_checkpoint(_MODEL_DIR.value)
-  examples = list(
-    tfds.as_numpy(shapes.as_dataset(split=_SPLIT.value, shuffle_files=False).take(_EXAMPLES.value))
-  )
-  images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255.0
+  examples = shared.read_split(shapes, _SPLIT.value, _EXAMPLES.value)
+  images = shared.images_of(examples)
   ids = np.concatenate([tokenizer.encode(images[i : i + 50]) for i in range(0, len(images), 50)])
   recon = np.concatenate([tokenizer.decode(ids[i : i + 50]) for i in range(0, len(ids), 50)])
   mse = np.mean((recon - images) ** 2, axis=(1, 2, 3))
   psnr = float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10))))
   usage = len(np.unique(ids)) / tokenizer.codebook_size
-  truth, rebuilt = [], []
-  for example, image in zip(examples, recon, strict=True):
-    scene = scenes.from_example(example)
-    if evaluate.score(example["image"], scene)["all"]:
-      truth.append(scene)
-      rebuilt.append((scene.kind, evaluate.score((image * 255 + 0.5).astype(np.uint8), scene)))
-  kept = float(np.mean([scores["all"] for _, scores in rebuilt])) if rebuilt else float("nan")
+  truth = shared.scored_scenes(examples)
+  rebuilt = shared.rebuilt_scores(truth, recon)
+  kept = shared.kept(rebuilt)
   print(f"model_dir {pathlib.Path(_MODEL_DIR.value).absolute()} (step {tokenizer.step})")
   print(f"training wall time      {seconds / 60:.1f} min (this run; 0 if it only resumed)")
   print(f"held-out PSNR           {psnr:.2f} dB over {len(images)} {_SPLIT.value} images")
