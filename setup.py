@@ -77,7 +77,7 @@ _INSTALL_REQUIRES = [
 ]
 
 _EXTRAS_REQUIRE = {
-  # scipy: the tests check parti.fid against its matrix square root.
+  # scipy: the tests check parti.evaluation.fid against its matrix square root.
   "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "scipy>=1.17.1", "setuptools>=69", "wheel"],
 }
 
@@ -100,7 +100,6 @@ setuptools.setup(
   extras_require=_EXTRAS_REQUIRE,
   classifiers=[
     "Programming Language :: Python :: 3",
-    "License :: OSI Approved :: Apache Software License",
     "Topic :: Scientific/Engineering :: Artificial Intelligence",
   ],
 )

@@ -32,8 +32,10 @@ import jax
 from absl import app, flags
 
 from parti import infer, partitioning
-from parti.config import PartiConfig
-from parti.prompts import PromptEncoder, read_prompts
+from parti.modeling import checkpoint_io
+from parti.runtime.errors import ConfigError
+from parti.sampling import generation
+from parti.sampling.prompts import PromptEncoder, read_prompts
 
 _PROMPTS = flags.DEFINE_string("prompts", None, "A PartiPrompts-format TSV.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint_dir", "runs/demo/parti", "A parti.train MODEL_DIR.")
@@ -69,13 +71,11 @@ def main(argv):
     prompts = prompts[: _LIMIT.value]
   if len(prompts) <= _BATCH.value:
     raise SystemExit("Measure at least two batches: raise --limit or lower --batch.")
-  config_path = pathlib.Path(_CHECKPOINT.value) / "parti_config.json"
-  if not config_path.is_file():
-    raise SystemExit(
-      f"{_CHECKPOINT.value} holds no Parti run ({config_path} is missing): run `make demo` "
-      "first, or pass --checkpoint_dir and --tokenizer_dir."
-    )
-  config = PartiConfig.load(config_path)
+  try:
+    config = checkpoint_io.load_config(_CHECKPOINT.value)
+  except ConfigError as error:
+    message = f"{error} Run `make demo` first, or pass --checkpoint_dir and --tokenizer_dir."
+    raise SystemExit(message) from error
   encoder = PromptEncoder(config.text_length, _VOCABULARY.value)
   lengths = [encoder.piece_count(p.text) for p in prompts]
   truncated = sum(length > config.text_length - 1 for length in lengths)
@@ -99,7 +99,7 @@ def main(argv):
   infer.make_generator = _timed_generator(calls)
   run = dict(
     checkpoint_dir=_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, prompts=str(subset),
-    output_dir=str(folder / "out"), options=infer.SamplingOptions(), batch_size=_BATCH.value,
+    output_dir=str(folder / "out"), options=generation.SamplingOptions(), batch_size=_BATCH.value,
     vocabulary=_VOCABULARY.value, mesh=partitioning.MeshConfig(), gallery_every=10,
   )  # fmt: skip
   start_job = time.perf_counter()

@@ -5,7 +5,7 @@ python bench/matmul_peak.py [--sizes=512,1024,2048] [--dtypes=float32,bfloat16]
 
 from absl import app, flags
 
-from parti import flops
+from parti.modeling import flops
 
 _SIZES = flags.DEFINE_list("sizes", ["512", "1024", "2048"], "Square matmul sides.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Matmul dtypes.")

@@ -5,7 +5,7 @@
 
 One device, synthetic batches (the input pipeline is not what is measured), the
 full train step: forward, backward, Parti's Adafactor update. MFU = model FLOPs
-(parti.flops: 3x the forward's matmuls, rematerialization not counted) per second
+(parti.modeling.flops: 3x the forward's matmuls, rematerialization not counted) per second
 over the measured peak of square matmuls in the same dtype.
 
 Configs:
@@ -28,9 +28,10 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from parti import flops, optim
-from parti.config import PartiConfig
-from parti.trainer import PartiTrainer
+from parti.modeling import flops
+from parti.modeling.config import PartiConfig
+from parti.training import optim
+from parti.training.trainer import PartiTrainer
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "small", "matched"], "Configs to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per config (after 2 warm-up steps).")

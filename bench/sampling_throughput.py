@@ -31,9 +31,9 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from parti import decoding
-from parti.config import PartiConfig
-from parti.model import Parti
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import Parti
+from parti.sampling import decoding
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "small", "matched"], "Configs to measure.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Prompts per batch (matched uses 4).")

@@ -22,7 +22,7 @@ import numpy as np
 import shapes_reconstruction as shared
 from absl import app, flags
 
-from parti import gin_utils
+from parti.runtime import gin_utils
 from parti.tasks import prepare_shapes
 from parti.tasks.shapes import evaluate
 from parti.tokenizer import api, train

@@ -22,79 +22,18 @@ stage's table, and where the gallery and report are, are printed at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
-import shlex
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from absl import app, flags
 
-from parti import files, metric_logging
-from parti.errors import ConfigError
+from parti.evaluation import shapes_report
+from parti.runtime import files, metric_logging, stages
+from parti.runtime.errors import ConfigError
 
 HELD_OUT_PROMPTS = 32  # Per split, for the inference stage's gallery.
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """One job of the demo: its module, gin file and the folders it reads and writes."""
-
-  name: str
-  module: str
-  gin_file: str
-  bindings: dict[str, str]
-  has_long_variant: bool = False
-  after: Callable[[], None] | None = None  # A check run once the job succeeds.
-
-  def command(self, long: bool) -> list[str]:
-    gin_file = self.gin_file
-    if long and self.has_long_variant:
-      gin_file = gin_file.replace(".gin", "_long.gin")
-    return [
-      sys.executable,
-      "-m",
-      self.module,
-      f"--gin_file={gin_file}",
-      *(f"--gin.{key}={value}" for key, value in self.bindings.items()),
-    ]
-
-
-def stages(runs: pathlib.Path) -> list[Stage]:
-  """The seven stages, writing under `runs`."""
-  tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
-  return [
-    Stage("data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)}),
-    Stage(
-      "vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")},
-      after=lambda: _compare_vocabulary(runs / "vocab" / "parti_shapes.model"),
-    ),
-    Stage(
-      "tokenizer", "parti.tokenizer.train", "gin/demo/tokenizer.gin",
-      {"MODEL_DIR": str(tokenizer), "TFDS_DATA_DIR": str(tfds)}, has_long_variant=True,
-    ),
-    Stage(
-      "encode", "parti.tokenizer.encode", "gin/demo/encode.gin",
-      {"CHECKPOINT_DIR": str(tokenizer), "OUTPUT_DIR": str(tokens), "TFDS_DATA_DIR": str(tfds)},
-    ),
-    Stage(
-      "parti", "parti.train", "gin/demo/parti.gin",
-      {"MODEL_DIR": str(parti), "PRE_ENCODED_DIR": str(tokens)}, has_long_variant=True,
-    ),
-    Stage(
-      "infer", "parti.infer", "gin/demo/infer.gin",
-      {"CHECKPOINT_DIR": str(parti), "TOKENIZER_DIR": str(tokenizer),
-       "PROMPTS": str(runs / "held_out_prompts.txt"), "OUTPUT_DIR": str(runs / "infer")},
-    ),
-    Stage(
-      "evaluate", "parti.evaluate_shapes", "gin/demo/evaluate.gin",
-      {"CHECKPOINT_DIR": str(parti), "TOKENIZER_DIR": str(tokenizer),
-       "OUTPUT_DIR": str(runs / "evaluate")},
-    ),
-  ]  # fmt: skip
 
 
 def write_held_out_prompts(path: pathlib.Path, count: int = HELD_OUT_PROMPTS) -> None:
@@ -113,7 +52,7 @@ def run_demo(runs_dir: str, long: bool = False, only: Sequence[str] = ()) -> dic
   """Runs (or resumes) the stages; returns each stage's seconds in this invocation."""
   runs = pathlib.Path(runs_dir).absolute()
   runs.mkdir(parents=True, exist_ok=True)
-  plan = stages(runs)
+  plan = stages.demo_stages(runs)
   unknown = set(only) - {s.name for s in plan}
   if unknown:
     raise ConfigError(f"Unknown demo stages {sorted(unknown)}; they are {[s.name for s in plan]}.")
@@ -126,67 +65,9 @@ def run_demo(runs_dir: str, long: bool = False, only: Sequence[str] = ()) -> dic
     )
   files.atomic_write_json(marker, profile)
   write_held_out_prompts(runs / "held_out_prompts.txt")
-  seconds = run_stages(runs, plan, long, only)
+  seconds = stages.run_stages(runs, plan, long, only)
   _summary(runs, plan)
   return seconds
-
-
-def run_stages(
-  runs: pathlib.Path, plan: Sequence[Stage], long: bool = False, only: Sequence[str] = ()
-) -> dict[str, float]:
-  """Runs each stage not done yet, in order, as a subprocess logging to RUNS/STAGE.log.
-
-  Returns the seconds of each stage run by this call. A stage that fails raises
-  RuntimeError with its log's tail; the stages before it stay done.
-  """
-  seconds: dict[str, float] = {}
-  started = time.perf_counter()
-  for number, stage in enumerate(plan, start=1):
-    if only and stage.name not in only:
-      continue
-    done = runs / f"{stage.name}.done"
-    if done.is_file():
-      print(f"[{number}/{len(plan)}] {stage.name}: done earlier, skipped", flush=True)
-      continue
-    command = stage.command(long)
-    print(
-      f"[{number}/{len(plan)}] {stage.name} "
-      f"(elapsed {metric_logging.format_duration(time.perf_counter() - started)}): "
-      f"{shlex.join(command[1:])}",
-      flush=True,
-    )
-    stage_start = time.perf_counter()
-    log = runs / f"{stage.name}.log"
-    with open(log, "ab") as handle:
-      result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if result.returncode:
-      tail = log.read_text(errors="replace").splitlines()[-15:]
-      raise RuntimeError(
-        f"Stage {stage.name} failed (exit {result.returncode}); its log is {log}. Fix the cause "
-        "and rerun: finished stages are skipped and this one resumes.\n" + "\n".join(tail)
-      )
-    seconds[stage.name] = time.perf_counter() - stage_start
-    if stage.after:
-      stage.after()
-    files.atomic_write_json(done, {"seconds": seconds[stage.name], "command": command})
-    print(
-      f"    {stage.name} took {metric_logging.format_duration(seconds[stage.name])}", flush=True
-    )
-  return seconds
-
-
-def _compare_vocabulary(trained: pathlib.Path) -> None:
-  from parti.prompts import shapes_vocabulary_path
-
-  shipped = shapes_vocabulary_path()
-  if trained.read_bytes() == shipped.read_bytes():
-    print(f"    the trained vocabulary is the one shipped in {shipped}", flush=True)
-  else:
-    print(
-      f"    warning: {trained} differs from the shipped {shipped}, which the shapes tasks "
-      "read (another sentencepiece version?)",
-      flush=True,
-    )
 
 
 def _last_metrics(model_dir: pathlib.Path, keys: Sequence[str]) -> dict[str, float]:
@@ -197,10 +78,8 @@ def _last_metrics(model_dir: pathlib.Path, keys: Sequence[str]) -> dict[str, flo
   return found
 
 
-def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
+def _summary(runs: pathlib.Path, plan: Sequence[stages.Stage]) -> None:
   """Prints the faithfulness table and where the outputs are."""
-  from parti import evaluate_shapes
-
   total = sum(
     json.loads((runs / f"{s.name}.done").read_text())["seconds"]
     for s in plan
@@ -220,7 +99,7 @@ def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
       f"{parti.get('eval/text_gap', float('nan')):.2f} nats per token, "
       f"{parti.get('eval/object_text_gap', float('nan')):.2f} per object token."
     )
-  results_file = runs / "evaluate" / evaluate_shapes.REPORT_JSON
+  results_file = runs / "evaluate" / shapes_report.REPORT_JSON
   if results_file.is_file():
     results = json.loads(results_file.read_text())["results"]
     prompts = {
@@ -232,9 +111,9 @@ def _summary(runs: pathlib.Path, plan: Sequence[Stage]) -> None:
     print(summary_table(results))
   for label, path in (
     ("gallery", runs / "infer" / "index.html"),
-    ("evaluation report", runs / "evaluate" / evaluate_shapes.REPORT),
-    ("accuracy vs guidance", runs / "evaluate" / evaluate_shapes.PLOT),
-    ("learning curve", runs / "evaluate" / evaluate_shapes.CURVE_PLOT),
+    ("evaluation report", runs / "evaluate" / shapes_report.REPORT),
+    ("accuracy vs guidance", runs / "evaluate" / shapes_report.PLOT),
+    ("learning curve", runs / "evaluate" / shapes_report.CURVE_PLOT),
     ("tokenizer reconstructions", runs / "tokenizer"),
   ):
     if path.exists():

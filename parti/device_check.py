@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from parti import files, flops, gin_utils, partitioning
+from parti import partitioning
+from parti.modeling import flops
+from parti.runtime import files, gin_utils
 
 REPORT = "device_check.json"
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")

@@ -8,7 +8,7 @@ GENERATED is a `parti.infer` OUTPUT_DIR (each prompt's best image, and its promp
 for the CLIP score) or a folder of images. REFERENCE is a folder of images, a
 `task:NAME[:SPLIT]` seqio task yielding `image` (needs TensorFlow), or an `.npz`
 of feature statistics saved by an earlier run (pytorch-fid's format). FID is the
-Fréchet distance between Inception-v3 pool features (`parti.inception`, weights
+Fréchet distance between Inception-v3 pool features (`parti.evaluation.inception`, weights
 from INCEPTION_WEIGHTS); with `reranker_dir` the mean CLIP-style score of each
 image against its prompt is reported too. OUTPUT_DIR receives
 `image_metrics.json`, `report.md`, and `reference_stats.npz` / `generated_stats.npz`
@@ -27,8 +27,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from parti import contrastive, fid, files, gin_utils, inception, metric_logging
-from parti.errors import ConfigError
+from parti.evaluation import fid, inception
+from parti.modeling import contrastive
+from parti.runtime import files, gin_utils, metric_logging
+from parti.runtime.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METRICS_JSON = "image_metrics.json"
@@ -58,7 +60,7 @@ def _generated(source: str) -> tuple[list[pathlib.Path], list[str] | None]:
   manifests = sorted(folder.glob("manifest-*.jsonl"))
   if not manifests:
     return _folder_images(folder), None
-  from parti.infer import finished_prompts
+  from parti.sampling.manifests import finished_prompts
 
   entries = sorted(finished_prompts(folder).values(), key=lambda e: e["index"])
   return [folder / e["files"][0] for e in entries], [e["prompt"] for e in entries]
@@ -141,7 +143,7 @@ def evaluate_images(
     generated: a `parti.infer` OUTPUT_DIR or a folder of images.
     reference: a folder of images, `task:NAME[:SPLIT]`, or a statistics `.npz`.
     output_dir: where the metrics, report and statistics go.
-    inception_weights: pytorch-fid's Inception-v3 state dict as .npz (see parti/inception.py).
+    inception_weights: pytorch-fid's Inception-v3 state dict as .npz (see parti/evaluation/inception.py).
     reranker_dir: a `parti.train_contrastive` run for the CLIP-style score (needs prompts,
       so `generated` must be an inference run).
     vocabulary: the reranker's SentencePiece model (default: the shapes one).
@@ -217,7 +219,7 @@ def evaluate_images(
 
 
 def _clip_score(readable, paths, prompts, reranker_dir, vocabulary, batch_size) -> dict:
-  from parti.rerank import Reranker
+  from parti.sampling.rerank import Reranker
 
   reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   prompt_of = dict(zip(paths, prompts, strict=True))

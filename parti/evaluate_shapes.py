@@ -19,7 +19,6 @@ time it had reached: `learning_curve.png` and a table in the report.
 
 from __future__ import annotations
 
-import io
 import pathlib
 from collections.abc import Sequence
 
@@ -27,25 +26,16 @@ import gin
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
 
-from parti import (
-  contact_sheet,
-  contrastive,
-  files,
-  gin_utils,
-  infer,
-  metric_logging,
-  partitioning,
-)
-from parti.errors import ConfigError
-from parti.prompts import Prompt, PromptEncoder
+from parti import partitioning
+from parti.evaluation import contact_sheet, shapes_report
+from parti.modeling import checkpoint_io, contrastive
+from parti.runtime import files, gin_utils, metric_logging
+from parti.runtime import images as images_io
+from parti.runtime.errors import ConfigError
+from parti.sampling import generation
+from parti.sampling.prompts import Prompt, PromptEncoder
 from parti.tasks.shapes import evaluate, scenes, spec
-
-REPORT_JSON = "shapes_eval.json"
-REPORT = "report.md"
-PLOT = "accuracy_vs_guidance.png"
-CURVE_PLOT = "learning_curve.png"
 
 
 def evaluate_shapes(
@@ -99,12 +89,12 @@ def evaluate_shapes(
   device_mesh = partitioning.create_mesh(mesh)
   rules = partitioning.rules_for(mesh)
   partitioning.check_batch_size(batch_size, device_mesh)
-  config, params, shardings, step = infer.load_model(checkpoint_dir, device_mesh, rules)
-  tok_config, tok_params, _ = infer.load_tokenizer(tokenizer_dir, config, device_mesh)
+  config, params, shardings, step = checkpoint_io.load_params(checkpoint_dir, device_mesh, rules)
+  tok_config, tok_params, _ = generation.load_tokenizer(tokenizer_dir, config, device_mesh)
   encoder = PromptEncoder(config.text_length, vocabulary)
   reranker = None
   if reranker_dir:
-    from parti.rerank import Reranker
+    from parti.sampling.rerank import Reranker
 
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   out = pathlib.Path(output_dir)
@@ -115,10 +105,10 @@ def evaluate_shapes(
   clip_scores: dict[str, dict[str, float]] = {}
   progress = metric_logging.Progress(len(guidance_scales) * len(splits), unit="images", every=1)
   for number, scale in enumerate(guidance_scales):
-    options = infer.SamplingOptions(
+    options = generation.SamplingOptions(
       guidance_scale=float(scale), temperature=temperature, top_k=top_k, seed=seed
     )
-    generate = infer.make_generator(config, tok_config, options, device_mesh, rules, shardings)
+    generate = generation.make_generator(config, tok_config, options, device_mesh, rules, shardings)
     results[str(scale)] = {}
     for offset, (split, split_scenes) in enumerate(by_split.items()):
       images = _generate(generate, params, tok_params, split_scenes, encoder, options, batch_size)
@@ -143,7 +133,7 @@ def evaluate_shapes(
     curve = _learning_curve(
       checkpoint_dir, (config, tok_config, tok_params), device_mesh, rules, encoder,
       {s: v[:learning_curve_examples] for s, v in by_split.items()},
-      infer.SamplingOptions(
+      generation.SamplingOptions(
         guidance_scale=float(learning_curve_scale), temperature=temperature, top_k=top_k,
         seed=seed,
       ),
@@ -153,15 +143,15 @@ def evaluate_shapes(
     record = {"checkpoint": checkpoint_dir, "step": step, "results": results}
     if curve:
       record["learning_curve"] = {"guidance_scale": learning_curve_scale, "points": curve}
-      files.atomic_write_bytes(out / CURVE_PLOT, _curve_plot(curve))
+      files.atomic_write_bytes(out / shapes_report.CURVE_PLOT, shapes_report.curve_plot(curve))
     if reranker:
       record.update(reranker=reranker_dir, reranker_step=reranker.step, clip_scores=clip_scores)
-    files.atomic_write_json(out / REPORT_JSON, record)
-    report = _markdown(results, checkpoint_dir, step, clip_scores)
+    files.atomic_write_json(out / shapes_report.REPORT_JSON, record)
+    report = shapes_report.markdown(results, checkpoint_dir, step, clip_scores)
     if curve:
-      report += _curve_markdown(curve, learning_curve_scale)
-    files.atomic_write_text(out / REPORT, report)
-    files.atomic_write_bytes(out / PLOT, _plot(results))
+      report += shapes_report.curve_markdown(curve, learning_curve_scale)
+    files.atomic_write_text(out / shapes_report.REPORT, report)
+    files.atomic_write_bytes(out / shapes_report.PLOT, shapes_report.guidance_plot(results))
     gin_utils.write_operative_config(out)
   return results
 
@@ -177,106 +167,12 @@ def _generate(generate, params, tok_params, split_scenes, encoder, options, batc
     batch = prompts[start : start + batch_size]
     mine = batch[jax.process_index() * per_host : (jax.process_index() + 1) * per_host]
     host_images, _ = generate(
-      params, tok_params, *infer.host_inputs(mine or batch[-1:], per_host, encoder, options)
+      params, tok_params, *generation.host_inputs(mine or batch[-1:], per_host, encoder, options)
     )
-    pixels = (np.clip(host_images[:, 0], 0, 1) * 255 + 0.5).astype(np.uint8)
+    pixels = images_io.to_uint8(host_images[:, 0])
     gathered = np.asarray(multihost_utils.process_allgather(pixels, tiled=True))
     images.extend(gathered[: len(batch)])  # Host order is batch order; padding comes last.
   return images
-
-
-def _markdown(results: dict, checkpoint_dir: str, step: int, clip_scores: dict) -> str:
-  lines = [
-    "# Shapes evaluation",
-    "",
-    f"{checkpoint_dir}, step {step}. Accuracy of the shapes evaluator on generated images.",
-    "",
-    "## Overall (all attributes right) by guidance scale",
-    "",
-    "| guidance | " + " | ".join(next(iter(results.values()))) + " |",
-    "|---|" + "---|" * len(next(iter(results.values()))),
-  ]
-  for scale, by_split in results.items():
-    cells = " | ".join(f"{100 * t['overall'].get('all', 0):.1f}%" for t in by_split.values())
-    lines.append(f"| {scale} | {cells} |")
-  if clip_scores:
-    splits = list(next(iter(clip_scores.values())))
-    lines += [
-      "",
-      "## CLIP-style score (reranker, 100 * max(cosine, 0)) by guidance scale",
-      "",
-      "| guidance | " + " | ".join(splits) + " |",
-      "|---|" + "---|" * len(splits),
-    ]
-    for scale, by_split in clip_scores.items():
-      lines.append(f"| {scale} | " + " | ".join(f"{v:.1f}" for v in by_split.values()) + " |")
-  for scale, by_split in results.items():
-    for split, table in by_split.items():
-      lines += ["", f"## λ = {scale}, {split}", "", "```", evaluate.format_table(table), "```"]
-  return "\n".join(lines) + "\n"
-
-
-def _plot(results: dict) -> bytes:
-  """A line per split: overall accuracy (all attributes right) against λ."""
-  splits = list(next(iter(results.values())))
-  series = {
-    split: [(float(s), results[s][split]["overall"].get("all", 0.0)) for s in results]
-    for split in splits
-  }
-  return _line_plot(series, "guidance scale", "shapes evaluator: all attributes right")
-
-
-def _curve_plot(curve: list[dict]) -> bytes:
-  """A line per split: overall accuracy against the run's training seconds (or its steps,
-  when its metrics do not say the time of every checkpoint, as in runs from before)."""
-  timed = all(point["train_seconds"] is not None for point in curve)
-  x_key, x_label = ("train_seconds", "training seconds") if timed else ("step", "training steps")
-  series: dict[str, list[tuple[float, float]]] = {}
-  for point in curve:
-    for split, accuracy in point["all"].items():
-      series.setdefault(split, []).append((point[x_key], accuracy))
-  return _line_plot(series, x_label, "learning curve: all attributes right")
-
-
-def _line_plot(
-  series: dict[str, list[tuple[float, float]]],
-  x_label: str,
-  title: str,
-  width: int = 560,
-  height: int = 360,
-) -> bytes:
-  """PNG of one line per series of (x, accuracy in [0, 1]) points."""
-  xs = [x for points in series.values() for x, _ in points]
-  image = Image.new("RGB", (width, height), "white")
-  draw = ImageDraw.Draw(image)
-  left, right, top, bottom = 60, width - 20, 30, height - 50
-  draw.rectangle([left, top, right, bottom], outline="black")
-  low, high = min(xs), max(xs)
-  span = high - low or 1.0
-
-  def xy(x, accuracy):
-    return (left + (x - low) / span * (right - left), bottom - accuracy * (bottom - top))
-
-  for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-    y = xy(low, tick)[1]
-    draw.line([left - 4, y, left, y], fill="black")
-    draw.text((8, y - 6), f"{100 * tick:.0f}%", fill="black")
-  for x in sorted(set(xs)):
-    draw.text((xy(x, 0)[0] - 8, bottom + 6), f"{x:.3g}", fill="black")
-  draw.text(((left + right) // 2 - 50, height - 22), x_label, fill="black")
-  draw.text((left, 8), title, fill="black")
-  colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-  for index, (label, points) in enumerate(series.items()):
-    pixels = [xy(x, y) for x, y in points]
-    color = colors[index % len(colors)]
-    if len(pixels) > 1:
-      draw.line(pixels, fill=color, width=2)
-    for x, y in pixels:
-      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    draw.text((right - 110, top + 8 + 14 * index), label, fill=color)
-  buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
-  return buffer.getvalue()
 
 
 def _learning_curve(
@@ -294,9 +190,9 @@ def _learning_curve(
   curve = []
   generate = None  # One sampler for every checkpoint: they share shapes and shardings.
   for step in steps:
-    _, params, shardings, _ = infer.load_model(checkpoint_dir, mesh, rules, step)
+    _, params, shardings, _ = checkpoint_io.load_params(checkpoint_dir, mesh, rules, step)
     if generate is None:
-      generate = infer.make_generator(config, tok_config, options, mesh, rules, shardings)
+      generate = generation.make_generator(config, tok_config, options, mesh, rules, shardings)
     accuracy = {}
     for split, split_scenes in by_split.items():
       images = _generate(generate, params, tok_params, split_scenes, encoder, options, batch_size)
@@ -310,25 +206,6 @@ def _learning_curve(
       split: len(v) for split, v in by_split.items()
     }})  # fmt: skip
   return curve
-
-
-def _curve_markdown(curve: list[dict], scale: float) -> str:
-  splits = list(curve[0]["all"])
-  lines = [
-    "",
-    f"## Learning curve (λ = {scale}, {curve[0]['prompts'][splits[0]]} prompts per split)",
-    "",
-    f"![learning curve]({CURVE_PLOT})",
-    "",
-    "| step | training seconds | " + " | ".join(splits) + " |",
-    "|---|---|" + "---|" * len(splits),
-  ]
-  for point in curve:
-    cells = " | ".join(f"{100 * point['all'][s]:.1f}%" for s in splits)
-    seconds = point["train_seconds"]
-    shown = "-" if seconds is None else f"{seconds:.0f}"
-    lines.append(f"| {point['step']} | {shown} | {cells} |")
-  return "\n".join(lines) + "\n"
 
 
 configured_evaluate_shapes = gin.external_configurable(evaluate_shapes)

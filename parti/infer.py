@@ -34,138 +34,39 @@ task excepted).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import pathlib
 import time
-import zlib
 from collections.abc import Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import linen as nn
-from PIL import Image
 
-from parti import (
-  checkpoints,
-  contrastive,
-  decoding,
-  files,
-  gallery,
-  gin_utils,
-  metric_logging,
-  partitioning,
-  prompt_report,
+from parti import partitioning
+from parti.evaluation import gallery, prompt_report
+from parti.modeling import checkpoint_io, contrastive
+from parti.runtime import files, gin_utils, metric_logging
+from parti.runtime import images as images_io
+from parti.runtime.errors import ConfigError
+from parti.sampling import manifests
+from parti.sampling.generation import (
+  SamplingOptions,
+  guidance_scale,
+  host_inputs,
+  load_tokenizer,
+  make_generator,
+  prompt_seed,
 )
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.model import Parti
-from parti.prompts import Prompt, PromptEncoder, read_prompts
+from parti.sampling.prompts import Prompt, PromptEncoder, read_prompts
 
 OPTIONS_FILE = "options.json"
 GALLERY = "index.html"
 REPORT = "report.md"
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-  """How each prompt is sampled.
-
-  Attributes:
-    guidance_scale: classifier-free guidance (Parti: 1.2 for its best FID); 1.0 is off.
-    temperature: sampling temperature (0: greedy).
-    top_k: sample among the k likeliest codes (0: all).
-    top_p: sample among the likeliest codes holding this mass (1.0: all).
-    samples: images drawn per prompt.
-    keep: the best of them kept (by score).
-    seed: the run's seed; a request's is derived from it and the request's text, unless
-      the request sets its own.
-    prefix_rows: image completion: rows of each request's image (in tokenizer grid
-      rows) kept as they are and continued downward (0: generate whole images).
-  """
-
-  guidance_scale: float = 1.2
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  samples: int = 1
-  keep: int = 1
-  seed: int = 0
-  prefix_rows: int = 0
-
-  def __post_init__(self):
-    if not 1 <= self.keep <= self.samples:
-      raise ConfigError(f"Keep 1 to `samples` ({self.samples}) images per prompt, not {self.keep}.")
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.prefix_rows < 0:
-      raise ConfigError(f"Bad sampling options: {self}.")
-
-
-def prompt_seed(seed: int, prompt: Prompt) -> int:
-  """A request's seed: its own, else a stable hash of the run's seed and its text."""
-  if prompt.seed is not None:
-    return prompt.seed
-  return zlib.crc32(f"{seed}:{prompt.text}".encode()) & 0x7FFFFFFF
-
-
-def guidance_scale(options: SamplingOptions, prompt: Prompt) -> float:
-  """A request's guidance scale: its own, else the run's."""
-  return options.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
-
-
-# --- Loading --------------------------------------------------------------------------------------
-
-
-def load_model(checkpoint_dir: str, mesh, rules, step: int | None = None):
-  """(config, sharded parameters, step) of a Parti training run's checkpoint."""
-  folder = pathlib.Path(checkpoint_dir)
-  config_path = folder / "parti_config.json"
-  if not config_path.is_file():
-    raise ConfigError(f"{checkpoint_dir} is not a Parti run: {config_path} is missing.")
-  config = PartiConfig.load(config_path)
-  model = Parti(config)
-  boxed = jax.eval_shape(
-    lambda: model.init(
-      jax.random.key(0),
-      jnp.ones((1, config.text_length), jnp.int32),
-      jnp.zeros((1, config.image_length), jnp.int32),
-    )["params"]
-  )
-  shardings = partitioning.tree_shardings(mesh, boxed, rules)
-  abstract = partitioning.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-  try:
-    found, params = checkpoints.restore_params(folder, abstract, step)
-  except FileNotFoundError as error:
-    raise ConfigError(str(error)) from error
-  return config, params, shardings, found
-
-
-def load_tokenizer(tokenizer_dir: str, config: PartiConfig, mesh):
-  """(tokenizer config, replicated parameters, step), checked against the model's codes."""
-  from parti.tokenizer import checkpoint_io
-
-  tok_config, params, step = checkpoint_io.load_for_model(tokenizer_dir, config)
-  return tok_config, partitioning.replicate(params, mesh), step
-
-
 # --- Outputs --------------------------------------------------------------------------------------
-
-
-def finished_prompts(output_dir: pathlib.Path) -> dict[str, dict]:
-  """request key (`Prompt.key`) -> its manifest entry, for requests whose files all exist
-  (any host's)."""
-  done = {}
-  for manifest in sorted(output_dir.glob("manifest-*.jsonl")):
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A line torn by a kill: that prompt is generated again.
-      if all((output_dir / name).is_file() for name in entry.get("files", [])):
-        done[entry.get("request", entry["prompt"])] = entry
-  return done
 
 
 def _check_options(output_dir: pathlib.Path, record: dict) -> None:
@@ -180,13 +81,6 @@ def _check_options(output_dir: pathlib.Path, record: dict) -> None:
       )
   elif jax.process_index() == 0:
     files.atomic_write_json(path, record)
-
-
-def _png(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  pixels = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-  Image.fromarray(pixels).save(buffer, format="PNG")
-  return buffer.getvalue()
 
 
 # --- The job --------------------------------------------------------------------------------------
@@ -228,7 +122,7 @@ def infer(
   partitioning.check_batch_size(rows, device_mesh)
   if batch_size % jax.process_count():
     raise ConfigError(f"batch_size {batch_size} does not split over {jax.process_count()} hosts.")
-  config, params, param_shardings, step = load_model(
+  config, params, param_shardings, step = checkpoint_io.load_params(
     checkpoint_dir, device_mesh, rules, checkpoint_step
   )
   tok_config, tok_params, tok_step = load_tokenizer(tokenizer_dir, config, device_mesh)
@@ -240,7 +134,7 @@ def infer(
     )
   reranker = None
   if reranker_dir:
-    from parti.rerank import Reranker
+    from parti.sampling.rerank import Reranker
 
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   all_prompts = read_prompts(prompts)
@@ -258,7 +152,7 @@ def infer(
   _check_options(out, record)
   gin_utils.write_operative_config(out if jax.process_index() == 0 else None)
 
-  done = finished_prompts(out)
+  done = manifests.finished_prompts(out)
   todo = [(i, p) for i, p in enumerate(all_prompts) if p.key not in done]
   logging.info(
     "%d prompts: %d already done in %s, %d to generate.",
@@ -350,93 +244,12 @@ def prefix_tokens(
     if jax.process_index() == 0:
       shown = image.astype(np.float32) / 255.0
       shown[kept_pixels:] = 0.75 + 0.25 * shown[kept_pixels:]  # The rows to generate, faded.
-      files.atomic_write_bytes(out / _prefix_name(index), _png(shown))
+      files.atomic_write_bytes(out / _prefix_name(index), images_io.png_bytes(shown))
   return prefixes
 
 
 def _prefix_name(index: int) -> str:
   return f"images/{index:05d}_prefix.png"
-
-
-def host_inputs(
-  mine: Sequence[tuple[int, Prompt]],
-  per_host: int,
-  encoder,
-  options: SamplingOptions,
-  prefixes: dict[int, np.ndarray] | None = None,
-):
-  """This host's rows (per_host * samples): text [rows, T], seeds [rows, 2], guidance
-  scales [rows] and image prefixes [rows, k] (k = 0 without completion). Padding rows
-  repeat the last prompt (their outputs are dropped); a host with no prompt left in
-  the last batch is given one of another host's, to pad with."""
-  padded = list(mine) + [mine[-1]] * (per_host - len(mine))
-  rows = [(index, p, sample) for index, p in padded for sample in range(options.samples)]
-  text = np.stack([encoder.encode(p) for _, p, _ in rows])
-  seeds = np.array([(prompt_seed(options.seed, p), sample) for _, p, sample in rows], np.int32)
-  scales = np.array([guidance_scale(options, p) for _, p, _ in rows], np.float32)
-  prefix = (
-    np.stack([prefixes[index] for index, _, _ in rows]).astype(np.int32)
-    if prefixes
-    else np.zeros((len(rows), 0), np.int32)
-  )
-  return text, seeds, scales, prefix
-
-
-def make_generator(
-  config,
-  tok_config,
-  options: SamplingOptions,
-  mesh,
-  rules,
-  param_shardings,
-  per_request_scales: bool = False,
-):
-  """The jitted sampler and tokenizer decoder, shared by inference and evaluation.
-
-  Returns a function of (params, tokenizer params, and `host_inputs`' arrays) ->
-  this host's (images [prompts, samples, H, W, 3], scores [prompts, samples]) as
-  numpy. Guidance uses the run's scale (1.0 skips the unconditional stream) unless
-  `per_request_scales`, when each row's own scale is used."""
-  from jax.experimental import multihost_utils
-
-  from parti.tokenizer import model as tokenizer_model
-
-  vqgan = tokenizer_model.VitVQGAN(tok_config)
-  batch_spec = partitioning.logical_to_spec(("batch",), rules)
-  rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def generate(params, tok_params, text, seeds, scales, prefix):
-    keys = jax.vmap(
-      lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s[0]), s[1])
-    )(seeds)
-    tokens, log_probs = decoding.sample(
-      config, params, text, keys, temperature=options.temperature, top_k=options.top_k,
-      top_p=options.top_p, guidance_scale=scales if per_request_scales else options.guidance_scale,
-      prefix=prefix if prefix.shape[1] else None,
-    )  # fmt: skip
-    ids = tokens.reshape(-1, *config.image_grid)
-    images = vqgan.apply({"params": tok_params}, ids, method=tokenizer_model.VitVQGAN.decode)
-    return images, jnp.sum(log_probs, axis=-1)
-
-  jitted = jax.jit(
-    generate,
-    in_shardings=(param_shardings, replicated, *[rows_sharding] * 4),
-    out_shardings=(rows_sharding, rows_sharding),
-  )
-
-  def run(params, tok_params, *host_arrays):
-    global_arrays = [jax.make_array_from_process_local_data(rows_sharding, x) for x in host_arrays]
-    with partitioning.activate(mesh, rules):
-      images, scores = jitted(params, tok_params, *global_arrays)
-    images, scores = multihost_utils.global_array_to_host_local_array(
-      (images, scores), mesh, (batch_spec, batch_spec)
-    )
-    images = np.asarray(images, np.float32)
-    shape = (-1, options.samples)
-    return images.reshape(*shape, *images.shape[1:]), np.asarray(scores).reshape(shape)
-
-  return run
 
 
 def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, options, step):
@@ -450,7 +263,7 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
   names = []
   for rank, sample in enumerate(best):
     name = f"images/{index:05d}_{rank}.png"
-    files.atomic_write_bytes(out / name, _png(images[sample]))
+    files.atomic_write_bytes(out / name, images_io.png_bytes(images[sample]))
     names.append(name)
   return {
     "index": index,
@@ -491,7 +304,7 @@ def _write_gallery(out: pathlib.Path, prompts: Sequence[Prompt], checkpoint_dir,
   multihost_utils.sync_global_devices("parti_infer_gallery")
   if jax.process_index() != 0:
     return
-  done = finished_prompts(out)
+  done = manifests.finished_prompts(out)
   entries = sorted(done.values(), key=lambda e: e["index"])
   if any(e.get("category") or e.get("challenge") for e in entries):
     files.atomic_write_text(out / REPORT, prompt_report.markdown(entries, "Parti samples"))

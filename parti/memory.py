@@ -33,10 +33,12 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from parti import files, gin_utils, optim, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.trainer import PartiTrainer, batch_shardings, jit_train_step
+from parti import partitioning
+from parti.modeling.config import PartiConfig
+from parti.runtime import files, gin_utils
+from parti.runtime.errors import ConfigError
+from parti.training import optim
+from parti.training.trainer import PartiTrainer, batch_shardings, jit_train_step
 
 REPORT = "memory.json"
 GIB = 1 << 30

@@ -42,7 +42,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 

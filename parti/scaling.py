@@ -23,8 +23,9 @@ import sys
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from parti import demo, files, metric_logging
-from parti.errors import ConfigError
+from parti.evaluation import shapes_report
+from parti.runtime import files, metric_logging, stages
+from parti.runtime.errors import ConfigError
 
 SIZES = ("small", "base", "large")
 # The attributes the study reports one by one, besides "all" (every attribute right).
@@ -33,19 +34,19 @@ REPORT = "report.md"
 PLOT = "scaling.png"
 
 
-def stages(demo_dir: pathlib.Path, runs: pathlib.Path) -> list[demo.Stage]:
+def study_stages(demo_dir: pathlib.Path, runs: pathlib.Path) -> list[stages.Stage]:
   """Train then evaluate each size."""
   plan = []
   for size in SIZES:
     model_dir = runs / f"parti_{size}"
     plan.append(
-      demo.Stage(
+      stages.Stage(
         f"train_{size}", "parti.train", f"gin/scaling/parti_{size}.gin",
         {"MODEL_DIR": str(model_dir), "PRE_ENCODED_DIR": str(demo_dir / "tokens")},
       )
     )  # fmt: skip
     plan.append(
-      demo.Stage(
+      stages.Stage(
         f"evaluate_{size}", "parti.evaluate_shapes", "gin/scaling/evaluate.gin",
         {"CHECKPOINT_DIR": str(model_dir), "TOKENIZER_DIR": str(demo_dir / "tokenizer"),
          "OUTPUT_DIR": str(runs / f"evaluate_{size}")},
@@ -54,35 +55,15 @@ def stages(demo_dir: pathlib.Path, runs: pathlib.Path) -> list[demo.Stage]:
   return plan
 
 
-def parameter_count(model_dir: pathlib.Path) -> int:
-  """Parameters of a Parti run, from its saved config (no checkpoint read)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import linen as nn
-
-  from parti.config import PartiConfig
-  from parti.model import Parti
-
-  config = PartiConfig.load(model_dir / "parti_config.json")
-  shapes = jax.eval_shape(
-    lambda: Parti(config).init(
-      jax.random.key(0),
-      jnp.ones((1, config.text_length), jnp.int32),
-      jnp.zeros((1, config.image_length), jnp.int32),
-    )["params"]
-  )
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
-
-
 def collect(runs: pathlib.Path) -> list[dict]:
   """One row per finished size: parameters, held-out loss, faithfulness per split and λ."""
-  from parti import evaluate_shapes
+  from parti.modeling import checkpoint_io
 
   rows = []
   for size in SIZES:
     model_dir, results_file = (
       runs / f"parti_{size}",
-      runs / f"evaluate_{size}" / evaluate_shapes.REPORT_JSON,
+      runs / f"evaluate_{size}" / shapes_report.REPORT_JSON,
     )
     if not results_file.is_file():
       continue
@@ -97,7 +78,7 @@ def collect(runs: pathlib.Path) -> list[dict]:
     rows.append(
       {
         "size": size,
-        "parameters": parameter_count(model_dir),
+        "parameters": checkpoint_io.parameter_count(checkpoint_io.load_config(model_dir)),
         "eval_loss": losses[-1] if losses else float("nan"),
         "faithfulness": {
           f"{split} λ={scale}": table["overall"].get("all", 0.0)
@@ -198,8 +179,8 @@ def run_scaling(demo_dir: str, runs_dir: str) -> list[dict]:
   runs.mkdir(parents=True, exist_ok=True)
   prerequisites = ["data", "vocab", "tokenizer", "encode"]
   demo_path.mkdir(parents=True, exist_ok=True)
-  demo.run_stages(demo_path, demo.stages(demo_path), only=prerequisites)
-  demo.run_stages(runs, stages(demo_path, runs))
+  stages.run_stages(demo_path, stages.demo_stages(demo_path), only=prerequisites)
+  stages.run_stages(runs, study_stages(demo_path, runs))
   rows = collect(runs)
   if not rows:
     raise ConfigError(f"No size of the study finished in {runs}.")

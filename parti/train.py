@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from parti import checkpoints, flops, gin_utils, metric_logging, optim, partitioning
-from parti import samples as samples_lib
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.model import embeddings_from_codebook, with_image_embeddings
-from parti.samples import SampleConfig
-from parti.trainer import (
+from parti import partitioning
+from parti.modeling import checkpoint_io, flops
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import embeddings_from_codebook, with_image_embeddings
+from parti.runtime import gin_utils
+from parti.runtime.errors import ConfigError
+from parti.training import checkpoints, loop, optim
+from parti.training import samples as samples_lib
+from parti.training.samples import SampleConfig
+from parti.training.trainer import (
   RAW_IMAGE_FEATURES,
   TOKEN_FEATURES,
   PartiTrainer,
@@ -42,11 +45,10 @@ from parti.trainer import (
   summarize,
 )
 
-CONFIG_FILE = "parti_config.json"
 BEST_DIR = "best"
 
 
-def _task_kind(name: str) -> bool:
+def _yields_raw_images(name: str) -> bool:
   """True if the task yields raw images (tokenized in the step), False for image ids."""
   import seqio
 
@@ -131,7 +133,7 @@ def train(
       (fine-tuning); ignored when this run has checkpoints of its own.
     image_embeddings_from_codebook: a new run starts its image-token embeddings
       from the codebook of the tokenizer that codes its images (see
-      `parti.model.embeddings_from_codebook`); small runs learn several times faster.
+      `parti.modeling.model.embeddings_from_codebook`); small runs learn several times faster.
     train_split: the split to train on.
     eval_split: the split for periodic eval loss (None: no eval).
     eval_every: steps between evaluations.
@@ -146,19 +148,13 @@ def train(
     samples: periodic sample images from validation prompts (off by default).
     seed: seed of initialization, dropout and data order.
   """
-  import seqio
 
   from parti.tasks import feature_converters, input_pipeline, registry
 
   started = time.perf_counter()
   model_dir = pathlib.Path(model_dir)
-  if tfds_data_dir:
-    seqio.set_tfds_data_dir_override(tfds_data_dir)
-  if num_steps < 1 or log_every < 1 or checkpoint_every < 1 or eval_every < 1:
-    raise ConfigError("num_steps, log_every, checkpoint_every and eval_every must be positive.")
-  device_mesh = partitioning.create_mesh(mesh)
-  rules = partitioning.rules_for(mesh)
-  partitioning.check_batch_size(batch_size, device_mesh)
+  schedule = loop.Schedule(num_steps, log_every, eval_every, checkpoint_every)
+  device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
   if batch_size % microbatches or (batch_size // microbatches) % partitioning.batch_divisor(
     device_mesh
   ):
@@ -169,7 +165,7 @@ def train(
 
   if pre_encoded_dir:
     registry.register_pre_encoded_task(mixture_or_task_name, pre_encoded_dir)
-  raw_images = _task_kind(mixture_or_task_name)
+  raw_images = _yields_raw_images(mixture_or_task_name)
   expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
   if set(task_feature_lengths) != expected:
     raise ConfigError(
@@ -205,7 +201,7 @@ def train(
   else:
     converter = feature_converters.ImageTokensFeatureConverter(bos_id=model.bos_id)
 
-  optimizer_fn, schedule = optim.build(optimizer, num_steps)
+  optimizer_fn, schedule_fn = optim.build(optimizer, num_steps)
   trainer = PartiTrainer(
     model,
     optimizer_fn,
@@ -236,25 +232,14 @@ def train(
     model_dir, keep=keep_checkpoints, save_every=checkpoint_every
   )
   best = checkpoints.Checkpointer(model_dir, keep=1, save_every=1, subdir=BEST_DIR)
-  state, start, meta = checkpoints.restore_train_state(
-    checkpointer, state, state_shardings, train_iterator
-  )
+  state, start, meta = loop.resume(
+    model_dir, checkpointer, state, state_shardings, train_iterator,
+    save_config=lambda folder: model.save(folder / checkpoint_io.CONFIG_FILE),
+  )  # fmt: skip
   best_loss = float(meta.get("best_eval_loss", float("inf")))
-  # Wall time of this run's training loops (their evaluations and checkpoints
-  # included), summed over resumes: the learning curve's x axis (parti.evaluate_shapes).
-  seconds_before = float(meta.get("train_seconds", 0.0))
   if not start:
-    if init_from:
-      abstract = partitioning.abstract_with_shardings(state.params, state_shardings.params)
-      state = state.replace(params=_initial_params(init_from, abstract))
-    elif image_embeddings_from_codebook:
-      codebook = _tokenizer_codebook(model, tokenizer_dir, pre_encoded_dir)
-      embeddings = embeddings_from_codebook(codebook, model.embed_dim, seed)
-      state = state.replace(params=with_image_embeddings(state.params, embeddings))
-    if jax.process_index() == 0:
-      model_dir.mkdir(parents=True, exist_ok=True)
-      model.save(model_dir / CONFIG_FILE)
-  gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
+    state = _initial_state(state, state_shardings, init_from, image_embeddings_from_codebook,
+                           model, tokenizer_dir, pre_encoded_dir, seed)  # fmt: skip
 
   feature_names = RAW_IMAGE_FEATURES if raw_images else TOKEN_FEATURES
   shardings = batch_shardings(device_mesh, rules, feature_names)
@@ -268,7 +253,8 @@ def train(
   train_step = jit_train_step(trainer, device_mesh, state_shardings, shardings)
   eval_step = jax.jit(trainer.eval_sums, out_shardings=replicated)
 
-  def evaluate(step: int) -> dict[str, float]:
+  def evaluate(step: int, state, writer) -> dict[str, float]:
+    del step, writer  # The loop logs and writes what this returns.
     totals: dict[str, float] = {}
     for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
       if len(batch["encoder_input_tokens"]) * jax.process_count() != batch_size:
@@ -282,8 +268,6 @@ def train(
     means = summarize({k: jnp.asarray(v) for k, v in totals.items()})
     result = {f"eval/{k}": float(v) for k, v in means.items() if k != "tokens"}
     result["eval/perplexity"] = float(np.exp(result["eval/nll"]))
-    writer.scalars(step, result)
-    logging.info("Evaluation at step %d: %s", step, result)
     return result
 
   sampler = None
@@ -295,81 +279,60 @@ def train(
   peak = peak_flops or _measured_peak()
   step_flops = flops.parti_train_flops(model, batch_size, task_feature_lengths["inputs"])
   tokens_per_step = batch_size * model.image_length
-  writer = metric_logging.MetricLogger(model_dir)
-  progress = metric_logging.Progress(num_steps, start, unit="images", every=log_every)
-  preemption = checkpoints.Preemption()
-  result: dict[str, float] = {}
-  step = start
-  timer = None  # Starts after the first step, so compilation is not counted.
-  timed_steps = 0
-  logging.info(
-    "Set-up took %.1fs; training from step %d to %d.",
-    time.perf_counter() - started,
-    step,
-    num_steps,
+
+  def throughput(step: int, steps_per_second: float | None) -> dict[str, float]:
+    scalars = {"train/learning_rate": float(schedule_fn(step - 1))}
+    if steps_per_second is not None:
+      scalars["perf/tokens_per_second"] = steps_per_second * tokens_per_step
+      scalars["perf/mfu"] = steps_per_second * step_flops / (peak * jax.device_count())
+    return scalars
+
+  def draw_samples(step: int, state, batch, writer):
+    del batch
+    if not sampler or not (sampler.due(step) or step == num_steps):
+      return state, False
+    sheet = sampler.draw(state.params)
+    if sheet is not None:
+      writer.images(step, {"samples": sheet})
+    return state, True
+
+  def keep_best(step: int, state, result: dict[str, float]) -> None:
+    nonlocal best_loss
+    if result["eval/loss"] < best_loss:
+      best_loss = result["eval/loss"]
+      best.save(step, {"params": state.params}, meta={"eval_loss": best_loss})
+
+  hooks = loop.Hooks(
+    step=lambda step, state, batch: train_step(state, batch, tokenizer_params),
+    next_batch=lambda: to_global(next(train_iterator)),
+    loss_key="train/loss",
+    evaluate=evaluate if eval_split else None,
+    extra_scalars=throughput,
+    after_step=draw_samples,
+    after_evaluation=keep_best,
+    checkpoint_meta=lambda: {"best_eval_loss": best_loss},
   )
-  loop_start = time.perf_counter()
+  logging.info("Set-up took %.1fs.", time.perf_counter() - started)
+  return loop.run(
+    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
+    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
+    examples_per_step=batch_size, seconds_before=float(meta.get(loop.TRAIN_SECONDS, 0.0)),
+    also_close=(best,),
+  )  # fmt: skip
 
-  def train_seconds() -> float:
-    return seconds_before + time.perf_counter() - loop_start
 
-  try:
-    with preemption.watching():
-      while step < num_steps:
-        batch = to_global(next(train_iterator))
-        with partitioning.activate(device_mesh, rules):
-          state, metrics = train_step(state, batch, tokenizer_params)
-        step += 1
-        if timer is None:
-          jax.block_until_ready(metrics)
-          timer = time.perf_counter()
-        else:
-          timed_steps += 1
-        if step % log_every == 0 or step == num_steps:
-          scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-          if not np.isfinite(scalars["train/loss"]):
-            raise FloatingPointError(
-              f"Loss is {scalars['train/loss']} at step {step}; stopping. The last good "
-              f"checkpoint is in {checkpointer.directory} (steps {checkpointer.steps()})."
-            )
-          scalars["train/learning_rate"] = float(schedule(step - 1))
-          scalars["perf/train_seconds"] = train_seconds()
-          if timed_steps:
-            seconds = time.perf_counter() - timer
-            rate = timed_steps / seconds
-            scalars["perf/tokens_per_second"] = rate * tokens_per_step
-            scalars["perf/mfu"] = rate * step_flops / (peak * jax.device_count())
-            timer, timed_steps = time.perf_counter(), 0
-          writer.scalars(step, scalars)
-          progress.update(step, log_every * batch_size)
-          result = scalars
-        paused = False  # Eval and checkpoints are not training time.
-        if eval_split and (step % eval_every == 0 or step == num_steps):
-          paused = True
-          result = evaluate(step)
-          if result["eval/loss"] < best_loss:
-            best_loss = result["eval/loss"]
-            best.save(step, {"params": state.params}, meta={"eval_loss": best_loss})
-        if sampler and (sampler.due(step) or step == num_steps):
-          paused = True
-          sheet = sampler.draw(state.params)
-          if sheet is not None:
-            writer.images(step, {"samples": sheet})
-        if checkpointer.should_save(step) or step == num_steps or preemption.requested:
-          paused = True
-          saved = {"best_eval_loss": best_loss, "train_seconds": train_seconds()}
-          checkpoints.save_train_state(checkpointer, step, state, saved, train_iterator)
-        if preemption.requested:
-          logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
-          break
-        if paused and timer is not None:
-          jax.block_until_ready(state.step)
-          timer, timed_steps = time.perf_counter(), 0
-  finally:
-    checkpointer.close()
-    best.close()
-    writer.flush()
-  return result
+def _initial_state(state, shardings, init_from, embeddings_from_codebook_, model, tokenizer_dir,
+                   pre_encoded_dir, seed):  # fmt: skip
+  """A fresh run's parameters: another run's (`init_from`), or image embeddings drawn
+  from the tokenizer's codebook, or the random initialization as it is."""
+  if init_from:
+    abstract = partitioning.abstract_with_shardings(state.params, shardings.params)
+    return state.replace(params=_initial_params(init_from, abstract))
+  if embeddings_from_codebook_:
+    codebook = _tokenizer_codebook(model, tokenizer_dir, pre_encoded_dir)
+    embeddings = embeddings_from_codebook(codebook, model.embed_dim, seed)
+    return state.replace(params=with_image_embeddings(state.params, embeddings))
+  return state
 
 
 def _initial_params(init_from: str, abstract_params):

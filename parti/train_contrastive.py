@@ -7,7 +7,7 @@ The same machinery as `parti.train`: a seqio task of captions and raw images
 (the `parti_shapes_*` and `coco_captions_*` tasks, or your own registered with
 `parti.tasks.registry.register_image_text_task`), the device mesh and logical
 rules, orbax checkpoints that resume (input position included), SIGTERM saves.
-MODEL_DIR receives contrastive_config.json (what `parti.rerank.Reranker` reads),
+MODEL_DIR receives contrastive_config.json (what `parti.sampling.rerank.Reranker` reads),
 checkpoints/, metrics.jsonl, TensorBoard summaries and config.gin. The periodic
 evaluation reports the held-out loss and in-batch retrieval accuracy.
 """
@@ -15,69 +15,19 @@ evaluation reports the held-out loss and in-batch retrieval accuracy.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
-import flax
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
-from flax import linen as nn
 
-from parti import checkpoints, gin_utils, metric_logging, optim, partitioning
-from parti.contrastive import CONFIG_FILE, ContrastiveConfig, DualEncoder, contrastive_loss
-from parti.errors import ConfigError
+from parti import partitioning
+from parti.modeling.contrastive import CONFIG_FILE, ContrastiveConfig
+from parti.runtime import gin_utils
+from parti.runtime.errors import ConfigError
+from parti.training import checkpoints, loop, optim
+from parti.training.contrastive_trainer import ContrastiveTrainer
 
 FEATURES = ("encoder_input_tokens", "images")
-
-
-@flax.struct.dataclass
-class ContrastiveState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-class ContrastiveTrainer:
-  """The jitted steps of one configuration; `train_contrastive` drives them."""
-
-  def __init__(self, config: ContrastiveConfig, optimizer: optax.GradientTransformation):
-    self.config = config
-    self.model = DualEncoder(config)
-    self.optimizer = optimizer
-
-  def init(self, seed: int) -> ContrastiveState:
-    """The initial state, with boxed leaves (for `partitioning.init_sharded`)."""
-    cfg = self.config
-    params = self.model.init(
-      jax.random.key(seed),
-      jnp.ones((1, cfg.text_length), jnp.int32),
-      jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
-    )["params"]
-    opt_state = self.optimizer.init(nn.meta.unbox(params))
-    return ContrastiveState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=partitioning.box_optimizer_state(self.optimizer, opt_state, params),
-    )
-
-  def loss(self, params, batch):
-    text, image, scale = self.model.apply(
-      {"params": params}, batch["encoder_input_tokens"], batch["images"]
-    )
-    return contrastive_loss(text, image, scale)
-
-  def train_step(self, state: ContrastiveState, batch) -> tuple[ContrastiveState, dict]:
-    (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return ContrastiveState(state.step + 1, params, opt_state), metrics
-
-  def eval_step(self, params, batch) -> dict:
-    return self.loss(params, batch)[1]
 
 
 def train_contrastive(
@@ -119,36 +69,15 @@ def train_contrastive(
     tfds_data_dir: where TFDS datasets are prepared.
     seed: seed of initialization and data order.
   """
-  import seqio
 
   from parti.tasks import feature_converters, input_pipeline, registry  # noqa: F401
 
   model_dir = pathlib.Path(model_dir)
-  if tfds_data_dir:
-    seqio.set_tfds_data_dir_override(tfds_data_dir)
-  if min(num_steps, log_every, checkpoint_every, eval_every) < 1:
-    raise ConfigError("num_steps, log_every, checkpoint_every and eval_every must be positive.")
+  schedule = loop.Schedule(num_steps, log_every, eval_every, checkpoint_every)
   if batch_size < 2:
     raise ConfigError(f"A contrastive batch needs at least 2 pairs, got batch_size {batch_size}.")
-  try:
-    features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
-  except ValueError as error:
-    raise ConfigError(f"Unknown seqio task or mixture {mixture_or_task_name!r}: {error}") from None
-  if not {"inputs", "image"} <= set(features):
-    raise ConfigError(
-      f"Task {mixture_or_task_name!r} must yield 'inputs' (text) and 'image' (raw images); it "
-      f"has {sorted(features)}."
-    )
-  vocab_size = features["inputs"].vocabulary.vocab_size
-  if vocab_size > model.text_vocab_size:
-    raise ConfigError(
-      f"Task {mixture_or_task_name!r}'s vocabulary has {vocab_size} pieces; the model's "
-      f"text_vocab_size is {model.text_vocab_size}."
-    )
-  device_mesh = partitioning.create_mesh(mesh)
-  rules = partitioning.rules_for(mesh)
-  partitioning.check_batch_size(batch_size, device_mesh)
-
+  device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
+  _check_task(mixture_or_task_name, model)
   trainer = ContrastiveTrainer(model, optim.adam(optimizer, num_steps))
   state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
 
@@ -168,13 +97,10 @@ def train_contrastive(
   checkpointer = checkpoints.Checkpointer(
     model_dir, keep=keep_checkpoints, save_every=checkpoint_every
   )
-  state, start, _ = checkpoints.restore_train_state(
-    checkpointer, state, state_shardings, train_iterator
-  )
-  if not start and jax.process_index() == 0:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save(model_dir / CONFIG_FILE)
-  gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
+  state, start, meta = loop.resume(
+    model_dir, checkpointer, state, state_shardings, train_iterator,
+    save_config=lambda folder: model.save(folder / CONFIG_FILE),
+  )  # fmt: skip
 
   shardings = {
     "encoder_input_tokens": partitioning.logical_sharding(device_mesh, ("batch", None), rules),
@@ -203,7 +129,8 @@ def train_contrastive(
   )
   eval_step = jax.jit(trainer.eval_step, out_shardings=replicated)
 
-  def evaluate(step: int) -> dict[str, float]:
+  def evaluate(step: int, state, writer) -> dict[str, float]:
+    del step, writer  # The loop logs and writes what this returns.
     totals: dict[str, list[float]] = {}
     for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
       if len(batch["images"]) * jax.process_count() != batch_size:
@@ -214,44 +141,40 @@ def train_contrastive(
         totals.setdefault(key, []).append(float(value))
     if not totals:
       raise ConfigError(f"The {eval_split!r} split has fewer than {batch_size} examples.")
-    result = {f"eval/{k}": float(np.mean(v)) for k, v in totals.items()}
-    writer.scalars(step, result)
-    logging.info("Evaluation at step %d: %s", step, result)
-    return result
+    return {f"eval/{k}": float(np.mean(v)) for k, v in totals.items()}
 
-  writer = metric_logging.MetricLogger(model_dir)
-  progress = metric_logging.Progress(num_steps, start, unit="pairs", every=log_every)
-  preemption = checkpoints.Preemption()
-  result: dict[str, float] = {}
-  step = start
+  hooks = loop.Hooks(
+    step=lambda step, state, batch: train_step(state, batch),
+    next_batch=lambda: to_global(next(train_iterator)),
+    loss_key="train/loss",
+    evaluate=evaluate if eval_split else None,
+  )
+  return loop.run(
+    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
+    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
+    examples_per_step=batch_size, unit="pairs", seconds_before=meta.get(loop.TRAIN_SECONDS, 0.0),
+  )  # fmt: skip
+
+
+def _check_task(name: str, model: ContrastiveConfig) -> None:
+  """The task yields captions and raw images, in a vocabulary the text tower can read."""
+  import seqio
+
   try:
-    with preemption.watching():
-      while step < num_steps:
-        batch = to_global(next(train_iterator))
-        with partitioning.activate(device_mesh, rules):
-          state, metrics = train_step(state, batch)
-        step += 1
-        if step % log_every == 0 or step == num_steps:
-          scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-          if not np.isfinite(scalars["train/loss"]):
-            raise FloatingPointError(
-              f"Loss is {scalars['train/loss']} at step {step}; stopping. The last good "
-              f"checkpoint is in {checkpointer.directory} (steps {checkpointer.steps()})."
-            )
-          writer.scalars(step, scalars)
-          progress.update(step, log_every * batch_size)
-          result = scalars
-        if eval_split and (step % eval_every == 0 or step == num_steps):
-          result = evaluate(step)
-        if checkpointer.should_save(step) or step == num_steps or preemption.requested:
-          checkpoints.save_train_state(checkpointer, step, state, input_iterator=train_iterator)
-        if preemption.requested:
-          logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
-          break
-  finally:
-    checkpointer.close()
-    writer.flush()
-  return result
+    features = seqio.get_mixture_or_task(name).output_features
+  except ValueError as error:
+    raise ConfigError(f"Unknown seqio task or mixture {name!r}: {error}") from None
+  if not {"inputs", "image"} <= set(features):
+    raise ConfigError(
+      f"Task {name!r} must yield 'inputs' (text) and 'image' (raw images); it "
+      f"has {sorted(features)}."
+    )
+  vocab_size = features["inputs"].vocabulary.vocab_size
+  if vocab_size > model.text_vocab_size:
+    raise ConfigError(
+      f"Task {name!r}'s vocabulary has {vocab_size} pieces; the model's "
+      f"text_vocab_size is {model.text_vocab_size}."
+    )
 
 
 configured_train = gin.external_configurable(train_contrastive)

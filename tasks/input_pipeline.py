@@ -17,7 +17,7 @@ import seqio
 import tensorflow as tf
 from clu.data import dataset_iterator
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 
 def host_batch_size(global_batch_size: int, process_count: int | None = None) -> int:

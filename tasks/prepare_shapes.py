@@ -17,8 +17,9 @@ import time
 
 import gin
 
-from parti import contact_sheet, files, gin_utils
-from parti.errors import ConfigError
+from parti.evaluation import contact_sheet
+from parti.runtime import files, gin_utils
+from parti.runtime.errors import ConfigError
 from parti.tasks.shapes import builder, render, scenes
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from parti import files
+from parti.runtime import files
 
 PROVENANCE = "provenance.json"
 

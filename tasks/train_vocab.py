@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import gin
 from absl import logging
 
-from parti import files, gin_utils
-from parti.errors import ConfigError
+from parti.runtime import files, gin_utils
+from parti.runtime.errors import ConfigError
 from parti.tasks import vocabularies
 
 

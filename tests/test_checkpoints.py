@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from conftest import run_on_two_hosts
+from helpers import run_on_two_hosts
 
 # Each host saves a sharded array to two checkpointers (a training job's latest and
 # best) at every step, without waiting in between. The array (8 MiB) is big enough
@@ -28,7 +28,7 @@ _HOST = textwrap.dedent(
     process_id=int(args.process_id),
   )
 
-  from parti import checkpoints
+  from parti.training import checkpoints
 
   latest = checkpoints.Checkpointer(args.run, keep=2, save_every=1)
   best = checkpoints.Checkpointer(args.run, keep=1, save_every=1, subdir="best")

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_reranker_config, train_tiny_reranker
+from helpers import tiny_reranker_config, train_tiny_reranker
 
-from parti import checkpoints, contrastive, rerank
-from parti.contrastive import ContrastiveConfig, DualEncoder
-from parti.errors import ConfigError
+from parti.modeling import contrastive
+from parti.modeling.contrastive import ContrastiveConfig, DualEncoder
+from parti.runtime.errors import ConfigError
+from parti.sampling import rerank
+from parti.training import checkpoints
 
 TINY = tiny_reranker_config()
 
@@ -96,7 +98,7 @@ def _train(model_dir, task, **overrides):
 
 @pytest.mark.slow
 def test_training_learns_to_match_captions_and_resumes(trained_reranker, shapes_task_name):
-  from parti import metric_logging
+  from parti.runtime import metric_logging
 
   model_dir, result = trained_reranker
   metrics = metric_logging.read_metrics(model_dir)

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_parti_model import example_batch, forward, init_params, tiny_config
+from helpers import example_batch, forward, init_params, tiny_config
 
-from parti import decoding
-from parti.model import unstack_layers
+from parti.modeling.model import unstack_layers
+from parti.sampling import decoding
 
 CONFIG = tiny_config(image_grid=(3, 4), cfg_dropout_rate=0.1)
 

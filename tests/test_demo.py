@@ -7,14 +7,16 @@ import re
 import subprocess
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from parti import demo
-from parti.errors import ConfigError
+from parti.evaluation import shapes_report
+from parti.runtime import stages
+from parti.runtime.errors import ConfigError
 
 
 def test_every_stage_runs_the_job_its_gin_file_names(tmp_path):
-  for stage in demo.stages(tmp_path):
+  for stage in stages.demo_stages(tmp_path):
     for long in (False, True):
       command = stage.command(long)
       gin_file = REPO_ROOT / command[3].removeprefix("--gin_file=")
@@ -113,11 +115,10 @@ def test_summary_table_has_a_row_per_prompt_kind_and_a_column_per_split_and_scal
 
 
 def test_the_summary_reads_the_jobs_outputs(tmp_path, capsys):
-  from parti import evaluate_shapes
 
   (tmp_path / "evaluate").mkdir()
   results = {"1.0": {"test": {"overall": {"all": 0.5, "prompts": 2}}}}
-  (tmp_path / "evaluate" / evaluate_shapes.REPORT_JSON).write_text(json.dumps({"results": results}))
+  (tmp_path / "evaluate" / shapes_report.REPORT_JSON).write_text(json.dumps({"results": results}))
   (tmp_path / "tokenizer").mkdir()
   (tmp_path / "tokenizer" / "metrics.jsonl").write_text(
     json.dumps({"step": 250, "eval/psnr": 24.5, "eval/codebook_usage": 0.9}) + "\n"
@@ -128,7 +129,7 @@ def test_the_summary_reads_the_jobs_outputs(tmp_path, capsys):
     + "\n"
   )
   (tmp_path / "data.done").write_text(json.dumps({"seconds": 30.0}))
-  demo._summary(tmp_path, demo.stages(tmp_path))
+  demo._summary(tmp_path, stages.demo_stages(tmp_path))
   out = capsys.readouterr().out
   assert "All stages: 0m30s" in out
   assert "held-out PSNR 24.5 dB, codebook usage 90%" in out

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parti import evaluate_images, fid, inception
-from parti.errors import ConfigError
+from parti import evaluate_images
+from parti.evaluation import fid, inception
+from parti.runtime.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_fid_job_refuses_bad_inputs(tmp_path, weights_file):
 def test_fid_and_clip_score_of_an_inference_run_against_a_task(
   tmp_path, weights_file, trained_reranker, shapes_task_name
 ):
-  from parti.rerank import Reranker
+  from parti.sampling.rerank import Reranker
 
   # An inference run's layout: a manifest naming each prompt's best image first.
   run_dir = _write_images(tmp_path / "infer" / "images", seed=3, count=4).parent

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from parti.fid import FeatureStatistics, frechet_distance
+from parti.evaluation.fid import FeatureStatistics, frechet_distance
 
 
 def _gaussian(mu, sigma, count):

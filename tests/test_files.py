@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from parti import files
+from parti.runtime import files
 
 
 def test_writes_and_creates_parents(tmp_path):

@@ -9,9 +9,9 @@ import re
 import gin
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
-from parti import gin_utils
+from parti.runtime import gin_utils
 
 GIN_FILES = sorted((REPO_ROOT / "gin").rglob("*.gin"))
 _COMMAND = re.compile(r"^# python -m (?P<module>[\w.]+) (?P<args>--gin_file=.*)$")
@@ -89,7 +89,7 @@ def test_prepare_shapes_gin_runs_and_skips_when_prepared(tmp_path, capsys):
 
 
 def test_prepare_shapes_rejects_unknown_and_shadowing_configs(tmp_path):
-  from parti.errors import ConfigError
+  from parti.runtime.errors import ConfigError
   from parti.tasks import prepare_shapes
 
   with pytest.raises(ConfigError, match="Unknown shapes config 'huge'"):
@@ -131,7 +131,8 @@ def _pre_encoded_shapes(folder, grid=(16, 16), codes=512, count=16):
 
 @pytest.mark.slow
 def test_pretrain_tiny_shapes_gin_trains(tmp_path):
-  from parti import metric_logging, train
+  from parti import train
+  from parti.runtime import metric_logging
 
   _pre_encoded_shapes(tmp_path / "tokens")
   gin_utils.parse(

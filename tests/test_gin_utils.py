@@ -7,7 +7,7 @@ import json
 import gin
 import pytest
 
-from parti import gin_utils
+from parti.runtime import gin_utils
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,17 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import as_gin, run_on_two_hosts
+from helpers import as_gin, run_on_two_hosts, tiny_run_config
 from PIL import Image
 
-from parti import checkpoints, infer, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.prompts import Prompt, PromptEncoder, shapes_vocabulary_path
-from parti.trainer import PartiTrainer
+from parti import infer, partitioning
+from parti.evaluation import shapes_report
+from parti.modeling.config import PartiConfig
+from parti.runtime.errors import ConfigError
+from parti.sampling import generation
+from parti.sampling.prompts import Prompt, PromptEncoder, shapes_vocabulary_path
+from parti.training import checkpoints
+from parti.training.trainer import PartiTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +26,11 @@ MESH = partitioning.MeshConfig(data=4, model=2, rules="model_parallel")
 OPTIONS = infer.SamplingOptions(guidance_scale=2.0, top_k=16, samples=2, keep=1, seed=3)
 
 
-def _tiny_parti(**overrides) -> PartiConfig:
-  """A Parti that writes the test tokenizer's codes (64) on its 4x4 grid."""
-  fields = dict(
-    text_vocab_size=128, text_length=16, image_vocab_size=64, image_grid=(4, 4), embed_dim=32,
-    mlp_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
-  )  # fmt: skip
-  return PartiConfig(**{**fields, **overrides})
-
-
 def _save_run(model_dir, config: PartiConfig, step: int = 7):
   """A Parti run folder (config and one checkpoint of random parameters), as train writes."""
   from flax import linen as nn
 
-  from parti import optim
+  from parti.training import optim
 
   trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()))
   params = jax.jit(lambda: nn.meta.unbox(trainer.init_params(jax.random.key(0))))()
@@ -50,7 +44,7 @@ def _save_run(model_dir, config: PartiConfig, step: int = 7):
 
 @pytest.fixture(scope="module")
 def parti_run(tmp_path_factory):
-  return _save_run(tmp_path_factory.mktemp("parti"), _tiny_parti())
+  return _save_run(tmp_path_factory.mktemp("parti"), tiny_run_config())
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +187,7 @@ def test_parti_prompts_keep_category_and_challenge_and_keep_the_best_samples(
 def test_a_reranker_keeps_the_samples_it_scores_best(
   tmp_path, parti_run, trained_tokenizer, trained_reranker
 ):
-  from parti.rerank import Reranker
+  from parti.sampling.rerank import Reranker
 
   reranker_dir, _ = trained_reranker
   tsv = tmp_path / "prompts.tsv"
@@ -241,7 +235,7 @@ def test_refusals_are_clear(tmp_path, parti_run, trained_tokenizer, prompts_file
     )
   with pytest.raises(ConfigError, match="not a Parti run"):
     run(tmp_path / "a", str(tmp_path / "nothing"), trained_tokenizer, prompts_file)
-  other = _save_run(tmp_path / "parti128", _tiny_parti(image_vocab_size=128))
+  other = _save_run(tmp_path / "parti128", tiny_run_config(image_vocab_size=128))
   with pytest.raises(ConfigError, match="has 64 codes, but the model writes 128"):
     run(tmp_path / "b", other, trained_tokenizer, prompts_file)
   with pytest.raises(ConfigError, match="not found"):
@@ -284,11 +278,11 @@ def test_shapes_evaluation_writes_a_report_per_guidance_scale(
   for by_split in results.values():
     assert sorted(by_split) == ["compositional", "test"]
     assert all(table["overall"]["prompts"] == 6 for table in by_split.values())
-  saved = json.loads((tmp_path / evaluate_shapes.REPORT_JSON).read_text())
+  saved = json.loads((tmp_path / shapes_report.REPORT_JSON).read_text())
   assert saved["results"] == results and saved["step"] == 7
-  report = (tmp_path / evaluate_shapes.REPORT).read_text()
+  report = (tmp_path / shapes_report.REPORT).read_text()
   assert "| 3.0 |" in report and "λ = 1.0, compositional" in report
-  assert Image.open(tmp_path / evaluate_shapes.PLOT).size == (560, 360)
+  assert Image.open(tmp_path / shapes_report.PLOT).size == (560, 360)
   assert (tmp_path / "samples_test_guidance_3.0.png").is_file()
 
 
@@ -296,7 +290,7 @@ def test_shapes_evaluation_scores_each_image_against_its_own_prompt(
   tmp_path, parti_run, trained_tokenizer, trained_reranker, monkeypatch
 ):
   from parti import evaluate_shapes
-  from parti.rerank import Reranker
+  from parti.sampling.rerank import Reranker
   from parti.tasks.shapes import render, scenes
 
   def ground_truth(generate, params, tok_params, split_scenes, *args):
@@ -312,14 +306,14 @@ def test_shapes_evaluation_scores_each_image_against_its_own_prompt(
   for table in results["1.0"].values():
     assert table["overall"]["all"] == 1.0
   # The CLIP-style score is the reranker's, on the same images and prompts.
-  saved = json.loads((tmp_path / evaluate_shapes.REPORT_JSON).read_text())
+  saved = json.loads((tmp_path / shapes_report.REPORT_JSON).read_text())
   test_scenes = [scenes.make_scene(0, "test", i) for i in range(12)]
   cosine = Reranker.from_checkpoint(trained_reranker[0]).score(
     np.stack([render.render(s, 64) for s in test_scenes]) / 255.0, [s.caption for s in test_scenes]
   )
   expected = float(np.mean(100 * np.maximum(cosine, 0)))
   assert saved["clip_scores"]["1.0"]["test"] == pytest.approx(expected, abs=1e-3)
-  assert "CLIP-style score" in (tmp_path / evaluate_shapes.REPORT).read_text()
+  assert "CLIP-style score" in (tmp_path / shapes_report.REPORT).read_text()
 
 
 def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
@@ -329,8 +323,8 @@ def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
   from parti.tasks.shapes import render
 
   run_dir = tmp_path / "run"
-  _save_run(run_dir, _tiny_parti(), step=3)
-  _save_run(run_dir, _tiny_parti(), step=7)
+  _save_run(run_dir, tiny_run_config(), step=3)
+  _save_run(run_dir, tiny_run_config(), step=7)
   rows = [{"step": 3, "perf/train_seconds": 1.5}, {"step": 7, "perf/train_seconds": 4.0}]
   (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   calls = []
@@ -348,7 +342,7 @@ def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
     mesh=MESH, learning_curve_examples=4, learning_curve_scale=2.0,
   )  # fmt: skip
   assert calls == [6, 6, 4, 4, 4, 4]
-  saved = json.loads((tmp_path / "eval" / evaluate_shapes.REPORT_JSON).read_text())
+  saved = json.loads((tmp_path / "eval" / shapes_report.REPORT_JSON).read_text())
   curve = saved["learning_curve"]
   assert curve["guidance_scale"] == 2.0
   assert [(p["step"], p["train_seconds"]) for p in curve["points"]] == [(3, 1.5), (7, 4.0)]
@@ -356,9 +350,9 @@ def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
     {"test": 0.0, "compositional": 0.0},
     {"test": 1.0, "compositional": 1.0},
   ]
-  report = (tmp_path / "eval" / evaluate_shapes.REPORT).read_text()
+  report = (tmp_path / "eval" / shapes_report.REPORT).read_text()
   assert "| 7 | 4 | 100.0% | 100.0% |" in report and "4 prompts per split" in report
-  assert Image.open(tmp_path / "eval" / evaluate_shapes.CURVE_PLOT).size == (560, 360)
+  assert Image.open(tmp_path / "eval" / shapes_report.CURVE_PLOT).size == (560, 360)
   # A run whose metrics lack the time of a checkpoint is plotted against steps instead.
   (run_dir / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
   calls.clear()
@@ -367,8 +361,8 @@ def test_the_learning_curve_scores_every_kept_checkpoint_against_training_time(
     output_dir=str(tmp_path / "untimed"), guidance_scales=(1.0,), examples=6, batch_size=4,
     mesh=MESH, learning_curve_examples=4,
   )  # fmt: skip
-  assert "| 3 | - | 0.0% | 0.0% |" in (tmp_path / "untimed" / evaluate_shapes.REPORT).read_text()
-  assert (tmp_path / "untimed" / evaluate_shapes.CURVE_PLOT).is_file()
+  assert "| 3 | - | 0.0% | 0.0% |" in (tmp_path / "untimed" / shapes_report.REPORT).read_text()
+  assert (tmp_path / "untimed" / shapes_report.CURVE_PLOT).is_file()
 
 
 def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_tokenizer):
@@ -382,7 +376,7 @@ def test_shapes_evaluation_refuses_unknown_splits(tmp_path, parti_run, trained_t
 
 
 def test_prompt_report_groups_best_scores():
-  from parti import prompt_report
+  from parti.evaluation import prompt_report
 
   entries = [
     {"category": "Animals", "challenge": "Basic", "scores": [-10.0, -12.0]},
@@ -418,7 +412,7 @@ def test_requests_set_their_own_seed_and_guidance_scale(tmp_path, parti_run, tra
   )
   entries = run(tmp_path / "mixed", parti_run, trained_tokenizer, requests)
   assert [(e["seed"], e["guidance_scale"]) for e in entries[:2]] == [(11, 3.0), (12, 2.0)]
-  assert entries[2]["seed"] == infer.prompt_seed(OPTIONS.seed, Prompt("two blue squares"))
+  assert entries[2]["seed"] == generation.prompt_seed(OPTIONS.seed, Prompt("two blue squares"))
   assert entries[2]["category"] == "Artifacts" and entries[2]["guidance_scale"] == 2.0
   # A request's own scale draws what a run at that scale draws for it.
   alone = _requests(tmp_path / "alone.jsonl", [{"prompt": "a red circle", "seed": 11}])
@@ -434,7 +428,7 @@ def test_requests_set_their_own_seed_and_guidance_scale(tmp_path, parti_run, tra
 def test_image_completion_continues_the_given_rows(
   tmp_path, parti_run, trained_tokenizer, monkeypatch
 ):
-  from parti import decoding
+  from parti.sampling import decoding
   from parti.tasks import records
   from parti.tokenizer.api import ImageTokenizer
 

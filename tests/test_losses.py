@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from parti import losses
+from parti.training import losses
 
 
 def _reference(logits, targets, weights, label_smoothing, z_loss):

@@ -8,12 +8,14 @@ import gin
 import jax
 import numpy as np
 import pytest
-from conftest import MESH_LAYOUTS
+from helpers import MESH_LAYOUTS
 
-from parti import gin_utils, memory, optim, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.trainer import PartiTrainer
+from parti import memory, partitioning
+from parti.modeling.config import PartiConfig
+from parti.runtime import gin_utils
+from parti.runtime.errors import ConfigError
+from parti.training import optim
+from parti.training.trainer import PartiTrainer
 
 TINY = PartiConfig(
   text_vocab_size=128, text_length=16, image_vocab_size=256, image_grid=(4, 4), embed_dim=64,

@@ -71,8 +71,13 @@ def test_core_imports_without_tensorflow(run_python, tmp_path):
   result = run_python("-c", _CHILD, *INPUT_PIPELINE_MODULES, cwd=tmp_path)
   imported = set(result.stdout.split())
   # The walk found the core: a broken walk that imports nothing must not pass.
-  assert {"parti.partitioning", "parti.gin_utils", "parti.device_check"} <= imported
-  assert {"parti.model", "parti.train", "parti.t5x_model", "parti.decoding"} <= imported
+  assert {"parti.partitioning", "parti.runtime.gin_utils", "parti.device_check"} <= imported
+  assert {
+    "parti.modeling.model",
+    "parti.train",
+    "parti.modeling.t5x_model",
+    "parti.sampling.decoding",
+  } <= imported
   assert set(TF_FREE_TASK_MODULES) <= imported
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from parti import optim
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
+from parti.training import optim
 
 PARTI = optim.AdafactorConfig()  # The paper's recipe is the default.
 

@@ -8,13 +8,13 @@ import sys
 import zipfile
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def test_imports_from_outside_the_checkout(run_python, tmp_path):
   result = run_python(
     "-c",
-    "import parti, parti.tokenizer, parti.tasks, parti.gin_utils as g;"
+    "import parti, parti.tokenizer, parti.tasks, parti.runtime.gin_utils as g;"
     "print(parti.tokenizer.__file__); print(parti.tasks.__file__); print(g.default_search_paths())",
     cwd=tmp_path,
   )
@@ -111,7 +111,7 @@ def test_installed_wheel_finds_its_gin_files(wheel, run_python, tmp_path):
   )
   result = run_python(
     "-c",
-    "import parti, parti.gin_utils as g; print(parti.__file__);"
+    "import parti, parti.runtime.gin_utils as g; print(parti.__file__);"
     "print(g._resolve('gin/runs/device_check.gin', g.default_search_paths()))",
     cwd=tmp_path,
     env={"PYTHONPATH": str(target)},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 
 import gin
@@ -10,72 +9,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MESH_LAYOUTS, REPO_ROOT
 from flax import linen as nn
+from helpers import MESH_LAYOUTS, REPO_ROOT, example_batch, forward, init_params, tiny_config
 
-from parti import flops, gin_utils, optim, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.model import (
+from parti import partitioning
+from parti.modeling import flops
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import (
   Parti,
   embeddings_from_codebook,
   relative_position_bucket,
   with_image_embeddings,
 )
-from parti.trainer import PartiTrainer
-
-
-def tiny_config(**overrides) -> PartiConfig:
-  base = dict(
-    text_vocab_size=100,
-    text_length=8,
-    image_vocab_size=64,
-    image_grid=(3, 4),
-    embed_dim=32,
-    mlp_dim=64,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    dtype="float32",
-    cfg_dropout_rate=0.0,
-  )
-  return PartiConfig(**{**base, **overrides})
-
-
-def example_batch(config: PartiConfig, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  targets = rng.integers(0, config.image_vocab_size, (batch, config.image_length)).astype(np.int32)
-  text = rng.integers(2, config.text_vocab_size, (batch, config.text_length)).astype(np.int32)
-  lengths = rng.integers(1, config.text_length + 1, batch)
-  text[np.arange(config.text_length)[None] >= lengths[:, None]] = 0  # Ragged padding.
-  return {
-    "encoder_input_tokens": text,
-    "decoder_input_tokens": np.concatenate(
-      [np.full((batch, 1), config.bos_id, np.int32), targets[:, :-1]], axis=1
-    ),
-    "decoder_target_tokens": targets,
-    "decoder_loss_weights": np.ones_like(targets),
-  }
-
+from parti.runtime import gin_utils
+from parti.runtime.errors import ConfigError
+from parti.training import optim
+from parti.training.trainer import PartiTrainer
 
 # Compiling dominates these tests on CPU, so jitted functions and parameters are
 # cached per (hashable, frozen) config and shared between tests.
-@functools.cache
-def _jitted_forward(config: PartiConfig):
-  model = Parti(config)
-  return jax.jit(lambda p, t, d: model.apply({"params": p}, t, d))
-
-
-def forward(config: PartiConfig, params, text, image_tokens):
-  """The jitted teacher-forced logits (eager linen would compile op by op)."""
-  return _jitted_forward(config)(params, text, image_tokens)
-
-
-@functools.cache
-def init_params(config: PartiConfig):
-  batch = example_batch(config, 1)
-  init = jax.jit(lambda t, d: Parti(config).init(jax.random.key(0), t, d)["params"])
-  return nn.meta.unbox(init(batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
 
 
 # --- Configuration ----------------------------------------------------------------------------
@@ -191,13 +143,13 @@ def _decode_in_steps(config, params, text, tokens, prefill):
   @jax.jit
   def prefill_fn(p, t, encoded, mask):
     return model.apply(
-      {"params": p}, t, encoded, mask, decode=True, method=Parti.decode, mutable=["cache"]
+      {"params": p}, t, encoded, mask, use_cache=True, method=Parti.decode, mutable=["cache"]
     )
 
   @jax.jit
   def step_fn(p, cache, t, mask):
     return model.apply(
-      {"params": p, "cache": cache}, t, None, mask, decode=True, method=Parti.decode,
+      {"params": p, "cache": cache}, t, None, mask, use_cache=True, method=Parti.decode,
       mutable=["cache"],
     )  # fmt: skip
 
@@ -242,7 +194,7 @@ def test_decoding_past_the_cache_is_an_error():
   with pytest.raises(ValueError, match="cache"):
     jax.eval_shape(
       lambda: model.apply(
-        {"params": params}, too_long, encoded, mask, decode=True, method=Parti.decode,
+        {"params": params}, too_long, encoded, mask, use_cache=True, method=Parti.decode,
         mutable=["cache"],
       )
     )  # fmt: skip

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from test_parti_model import example_batch, forward, tiny_config
+from helpers import example_batch, forward, tiny_config
 
-from parti import decoding, optim
-from parti.model import Parti
-from parti.t5x_model import PartiT5xModel
-from parti.trainer import PartiTrainer
+from parti.modeling.model import Parti
+from parti.modeling.t5x_model import PartiT5xModel
+from parti.sampling import decoding
+from parti.training import optim
+from parti.training.trainer import PartiTrainer
 
 CONFIG = tiny_config(image_grid=(2, 3), cfg_dropout_rate=0.1)
 

@@ -14,31 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import as_gin, run_on_two_hosts
 from flax import linen as nn
+from helpers import as_gin, run_on_two_hosts, tiny_run_config
 from PIL import Image
 
-from parti import checkpoints, gin_utils, metric_logging, optim, partitioning
-from parti import trainer as trainer_lib
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.model import embeddings_from_codebook
-from parti.samples import SampleConfig, tokenizer_checkpoint
+from parti import partitioning
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import embeddings_from_codebook
+from parti.runtime import gin_utils, metric_logging
+from parti.runtime.errors import ConfigError
 from parti.tokenizer import checkpoint_io
+from parti.training import checkpoints, optim
+from parti.training import trainer as trainer_lib
+from parti.training.samples import SampleConfig, tokenizer_checkpoint
 
 pytestmark = pytest.mark.slow
 
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
 TASK = "test_parti_tokens"
-
-
-def tiny_model(**overrides) -> PartiConfig:
-  fields = dict(
-    text_vocab_size=128, text_length=16, image_vocab_size=64, image_grid=(4, 4), embed_dim=32,
-    mlp_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
-  )  # fmt: skip
-  return PartiConfig(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def run(model_dir, tokens_dir, **overrides):
 
   args = dict(
     model_dir=str(model_dir),
-    model=tiny_model(),
+    model=tiny_run_config(),
     mixture_or_task_name=TASK,
     task_feature_lengths={"inputs": 16, "targets": 16},
     batch_size=8,
@@ -119,7 +113,7 @@ def test_training_writes_metrics_checkpoints_and_configs(uninterrupted):
     assert "eval/object_text_gap" in rows[step]
   assert rows[8]["train/loss"] < rows[1]["train/loss"]
   assert (uninterrupted / "parti_config.json").exists()
-  assert PartiConfig.load(uninterrupted / "parti_config.json") == tiny_model()
+  assert PartiConfig.load(uninterrupted / "parti_config.json") == tiny_run_config()
   assert (uninterrupted / gin_utils.OPERATIVE_CONFIG).exists()
   assert sorted(
     int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
@@ -183,7 +177,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_nan_keeps_the_last_good(
     ({"task_feature_lengths": {"inputs": 16, "image": 32}}, "must have keys"),
     ({"task_feature_lengths": {"inputs": 16, "targets": 9}}, "differs from the model"),
     ({"mixture_or_task_name": "no_such_task", "pre_encoded_dir": None}, "Unknown seqio task"),
-    ({"model": tiny_model(text_vocab_size=50)}, "text vocabulary"),
+    ({"model": tiny_run_config(text_vocab_size=50)}, "text vocabulary"),
     ({"init_from": "/nonexistent/run"}, "init_from"),
     ({"image_embeddings_from_codebook": True}, "needs the run's tokenizer"),
   ],
@@ -224,7 +218,7 @@ def test_sample_images_find_the_tokenizer_that_encoded_the_data(tmp_path, tokens
 
 
 def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shapes_task_name):
-  model = tiny_model(text_length=32)
+  model = tiny_run_config(text_length=32)
   result = run(
     tmp_path,
     None,
@@ -263,7 +257,7 @@ def test_raw_images_are_tokenized_in_the_step(tmp_path, trained_tokenizer, shape
     )  # fmt: skip
   with pytest.raises(ConfigError, match="codes"):
     run(
-      tmp_path / "mismatch", None, model=tiny_model(text_length=32, image_vocab_size=128),
+      tmp_path / "mismatch", None, model=tiny_run_config(text_length=32, image_vocab_size=128),
       mixture_or_task_name=shapes_task_name, task_feature_lengths={"inputs": 32, "image": 32},
       tokenizer_dir=str(trained_tokenizer), pre_encoded_dir=None, num_steps=1,
     )  # fmt: skip
@@ -277,7 +271,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, tokens_
   # the global batch), two hosts see the same global batches as one: each reads
   # every other example of the one file, and losses are means over the batch.
   same = dict(
-    model=tiny_model(cfg_dropout_rate=0.0), shuffle=False, num_steps=4, eval_every=4,
+    model=tiny_run_config(cfg_dropout_rate=0.0), shuffle=False, num_steps=4, eval_every=4,
     checkpoint_every=4,
   )  # fmt: skip
   run(tmp_path / "one", tokens_dir, **same)
@@ -320,7 +314,7 @@ def test_object_tokens_are_those_off_their_images_most_frequent_code():
 
 
 def test_eval_sums_score_the_same_targets_with_and_without_the_text():
-  config = tiny_model(cfg_dropout_rate=0.1)
+  config = tiny_run_config(cfg_dropout_rate=0.1)
   trainer = trainer_lib.PartiTrainer(config, optax.sgd(0.1))
   params = nn.meta.unbox(trainer.init_params(jax.random.key(0)))
   rng = np.random.default_rng(0)

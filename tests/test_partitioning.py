@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from parti import device_check, partitioning
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 
 def test_mesh_uses_every_device_with_auto_axes(mesh_config):

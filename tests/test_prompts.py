@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from parti.errors import ConfigError
-from parti.prompts import Prompt, read_prompts
+from parti.runtime.errors import ConfigError
+from parti.sampling.prompts import Prompt, read_prompts
 
 
 def _write(path, lines: list[str]) -> str:

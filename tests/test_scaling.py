@@ -6,17 +6,19 @@ import json
 import subprocess
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from PIL import Image
 
-from parti import evaluate_shapes, scaling
-from parti.config import PartiConfig
+from parti import scaling
+from parti.evaluation import shapes_report
+from parti.modeling.config import PartiConfig
 
 
 def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
   import gin
 
-  from parti import gin_utils, train  # noqa: F401  (registers the configurables)
+  from parti import train  # noqa: F401  (registers the configurables)
+  from parti.runtime import gin_utils
 
   widths, steps = [], []
   for size in scaling.SIZES:
@@ -54,7 +56,7 @@ def _fake_outputs(runs, size, width, loss, accuracy):
     }
     for scale, factor in (("1.0", 0.5), ("2.0", 1.0))
   }
-  (out / evaluate_shapes.REPORT_JSON).write_text(json.dumps({"results": results}))
+  (out / shapes_report.REPORT_JSON).write_text(json.dumps({"results": results}))
 
 
 def test_the_study_runs_every_stage_and_reports_each_size(tmp_path, monkeypatch, capsys):

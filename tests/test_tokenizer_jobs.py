@@ -10,12 +10,14 @@ import pytest
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from conftest import tiny_tokenizer_config
+from helpers import tiny_tokenizer_config
 
-from parti import metric_logging, optim
-from parti.errors import ConfigError
+from parti.runtime import metric_logging
+from parti.runtime.errors import ConfigError
 from parti.tasks import records, registry, sources, token_records
 from parti.tokenizer import api, checkpoint_io, encode, losses, train
+from parti.tokenizer import trainer as trainer_lib
+from parti.training import optim
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,7 @@ def test_training_writes_metrics_images_checkpoints_and_config(trained_tokenizer
 
 def test_losses_decrease_on_a_fixed_batch():
   config = tiny_tokenizer_config()
-  trainer = train.Trainer(
+  trainer = trainer_lib.Trainer(
     config,
     losses.LossWeights(perceptual=0.0, adversarial=0.0),
     optim.adam(optim.AdamConfig(learning_rate=3e-3, warmup_steps=1), 30),
@@ -81,7 +83,7 @@ def test_dead_codes_restart_where_the_codebook_serves_worst():
   from flax import linen as nn
 
   config = tiny_tokenizer_config(encoder="patch", decoder="patch")
-  trainer = train.Trainer(
+  trainer = trainer_lib.Trainer(
     config,
     losses.LossWeights(perceptual=0.0, adversarial=0.0),
     optim.adam(optim.AdamConfig(warmup_steps=1), 10),

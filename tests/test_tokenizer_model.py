@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer_config
 from flax import linen as nn
+from helpers import tiny_tokenizer_config
 
 from parti import partitioning
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 from parti.tokenizer import discriminator, losses, model
 from parti.tokenizer.config import TokenizerConfig
 

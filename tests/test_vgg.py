@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer_config
 from flax import linen as nn
+from helpers import tiny_tokenizer_config
 
-from parti import optim
-from parti.tokenizer import losses, train, vgg
+from parti.tokenizer import losses, vgg
+from parti.tokenizer import trainer as trainer_lib
+from parti.training import optim
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_missing_and_malformed_files(tmp_path, weights_file):
 
 @pytest.mark.slow
 def test_training_step_with_the_perceptual_loss(weights_file):
-  trainer = train.Trainer(
+  trainer = trainer_lib.Trainer(
     tiny_tokenizer_config(),
     losses.LossWeights(perceptual=0.1, adversarial=0.1),
     optim.adam(optim.AdamConfig(warmup_steps=1), 10),

@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 import parti
-from parti import flops
+from parti.modeling import flops
 
 
 def test_deprecation_warning_from_parti_code_is_an_error():

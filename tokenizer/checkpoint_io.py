@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from parti import checkpoints
 from parti.tokenizer import model
 from parti.tokenizer.config import TokenizerConfig
+from parti.training import checkpoints
 
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -66,7 +66,7 @@ def load_for_model(tokenizer_dir: str | pathlib.Path, model_config, step: int | 
   Raises:
     ConfigError: no trained tokenizer there, or its codebook or grid is not the model's.
   """
-  from parti.errors import ConfigError
+  from parti.runtime.errors import ConfigError
 
   try:
     config, params, step = load_params(tokenizer_dir, step)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import pathlib
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class TokenizerConfig:
     return VIT_SIZES[self.decoder]
 
   def save(self, path: str | pathlib.Path) -> None:
-    from parti import files
+    from parti.runtime import files
 
     files.atomic_write_json(path, dataclasses.asdict(self))
 

@@ -28,8 +28,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from parti import gin_utils, metric_logging, partitioning
-from parti.errors import ConfigError
+from parti import partitioning
+from parti.runtime import gin_utils, metric_logging
+from parti.runtime.errors import ConfigError
 from parti.tokenizer import api
 
 

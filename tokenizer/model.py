@@ -16,23 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from parti import layers
+from parti.modeling import layers
+from parti.modeling.layers import l2_normalize, patchify, unpatchify
 from parti.tokenizer.config import TokenizerConfig, ViTSize
-
-
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], row-major patches."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int]) -> jax.Array:
-  """The inverse of `patchify`."""
-  b, _, d = patches.shape
-  c = d // (patch * patch)
-  x = patches.reshape(b, grid[0], grid[1], patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0] * patch, grid[1] * patch, c)
 
 
 class ViT(nn.Module):
@@ -57,10 +43,6 @@ class ViT(nn.Module):
         self.size.num_heads, self.size.mlp_dim, jnp.dtype(self.dtype), name=f"block_{i}"
       )(x)
     return layers.Norm(name="final_norm")(x)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 class FactorizedQuantizer(nn.Module):

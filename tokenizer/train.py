@@ -15,187 +15,22 @@ from __future__ import annotations
 import functools
 import pathlib
 from collections.abc import Sequence
-from typing import Any
 
-import flax
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from parti import checkpoints, gin_utils, metric_logging, optim, partitioning
-from parti.errors import ConfigError
-from parti.tokenizer import checkpoint_io, discriminator, losses, model, vgg
+from parti import partitioning
+from parti.runtime import gin_utils
+from parti.runtime.errors import ConfigError
+from parti.tokenizer import checkpoint_io, losses, vgg
+from parti.tokenizer import trainer as trainer_lib
 from parti.tokenizer.config import TokenizerConfig
+from parti.training import checkpoints, loop, optim
 
 CONFIG_FILE = checkpoint_io.CONFIG_FILE
-
-
-@flax.struct.dataclass
-class TokenizerState:
-  """Everything a checkpoint holds."""
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  disc_params: Any
-  disc_opt_state: Any
-  code_counts: jax.Array  # Codes chosen since the last dead-code restart.
-
-
-class Trainer:
-  """The jitted steps of one configuration; `train` drives them."""
-
-  def __init__(
-    self,
-    config: TokenizerConfig,
-    weights: losses.LossWeights,
-    optimizer: optax.GradientTransformation,
-    disc_optimizer: optax.GradientTransformation,
-    disc_channels: int,
-    perceptual_weights: dict | None,
-  ):
-    self.config = config
-    self.weights = weights
-    self.model = model.VitVQGAN(config)
-    self.disc = discriminator.Discriminator(base_channels=disc_channels)
-    self.optimizer = optimizer
-    self.disc_optimizer = disc_optimizer
-    self.perceptual_weights = perceptual_weights
-
-  def init(self, rng: jax.Array) -> TokenizerState:
-    images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-    g_rng, d_rng = jax.random.split(rng)
-    params = self.model.init(g_rng, images)["params"]
-    disc_params = self.disc.init(d_rng, images)["params"]
-    return TokenizerState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=self.optimizer.init(params),
-      disc_params=disc_params,
-      disc_opt_state=self.disc_optimizer.init(disc_params),
-      code_counts=jnp.zeros((self.config.codebook_size,), jnp.int32),
-    )
-
-  def _generator_loss(self, params, disc_params, images, with_gan: bool):
-    cfg, w = self.config, self.weights
-    raw, ids, vq = self.model.apply({"params": params}, images)
-    reconstruction = model.to_image(raw, cfg)
-    rgb = raw[..., :3] if not cfg.logit_laplace else reconstruction
-    terms = {
-      "l2": losses.l2(rgb, images),
-      "codebook": vq["codebook"],
-      "commitment": vq["commitment"],
-    }
-    total = (
-      w.l2 * terms["l2"] + w.codebook * vq["codebook"] + cfg.commitment_cost * vq["commitment"]
-    )
-    if cfg.logit_laplace:
-      terms["logit_laplace"] = losses.logit_laplace_nll(raw, images)
-      total += w.logit_laplace * terms["logit_laplace"]
-    if self.perceptual_weights is not None and w.perceptual > 0:
-      terms["perceptual"] = vgg.perceptual_distance(self.perceptual_weights, reconstruction, images)
-      total += w.perceptual * terms["perceptual"]
-    if with_gan:
-      fake = self.disc.apply({"params": disc_params}, reconstruction)
-      terms["adversarial"] = losses.generator_adversarial(fake, w.gan_loss)
-      total += w.adversarial * terms["adversarial"]
-    terms["total"] = total
-    return total, (terms, reconstruction, ids)
-
-  def train_step(self, state: TokenizerState, images: jax.Array, with_gan: bool):
-    """One generator update (and, with the GAN on, one discriminator update)."""
-    grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
-    (_, (terms, reconstruction, ids)), grads = grad_fn(
-      state.params, state.disc_params, images, with_gan
-    )
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {f"loss/{k}": v for k, v in terms.items()}
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["psnr"] = losses.psnr(reconstruction, images)
-    metrics.update(
-      {f"codebook/{k}": v for k, v in losses.codebook_stats(ids, self.config.codebook_size).items()}
-    )
-    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
-    if with_gan:
-      disc_loss, disc_grads = jax.value_and_grad(self._disc_loss)(
-        state.disc_params, images, jax.lax.stop_gradient(reconstruction)
-      )
-      disc_updates, disc_opt_state = self.disc_optimizer.update(
-        disc_grads, state.disc_opt_state, state.disc_params
-      )
-      disc_params = optax.apply_updates(state.disc_params, disc_updates)
-      metrics["loss/discriminator"] = disc_loss
-    counts = state.code_counts + jnp.bincount(ids.reshape(-1), length=self.config.codebook_size)
-    state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      disc_params=disc_params,
-      disc_opt_state=disc_opt_state,
-      code_counts=counts,
-    )
-    return state, metrics
-
-  def _disc_loss(self, disc_params, real, fake):
-    def discriminate(x):
-      return self.disc.apply({"params": disc_params}, x)
-
-    loss = losses.discriminator_loss(discriminate(real), discriminate(fake), self.weights.gan_loss)
-    if self.weights.r1_gamma > 0:
-      loss += self.weights.r1_gamma / 2 * losses.r1_penalty(discriminate, real)
-    return loss
-
-  def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
-    """Moves codes unused since the last restart onto current encoder outputs.
-
-    Outputs are drawn with probability proportional to their squared distance to the
-    nearest code (k-means++ seeding), not uniformly: in images that are mostly flat
-    background, uniform picks land on patches the codebook already serves and the
-    restarted codes die again, while the rarer edge patches stay coarsely coded.
-    """
-
-    def encode(module, x):
-      z = module.encoder(x).reshape(-1, self.config.code_dim)
-      nearest = module.quantizer.embed(module.quantizer.lookup(z))
-      if self.config.l2_normalize:
-        z = model.l2_normalize(z)
-      return z, jnp.sum((z - nearest) ** 2, axis=-1)
-
-    z, distance = self.model.apply({"params": state.params}, images, method=encode)
-    logits = jnp.log(jnp.maximum(distance, 1e-12))
-    picks = jax.random.categorical(rng, logits, shape=(self.config.codebook_size,))
-    dead = state.code_counts == 0
-    codebook = state.params["quantizer"]["codebook"]
-    codebook = jnp.where(dead[:, None], z[picks], codebook)
-    params = flax.core.copy(state.params, {"quantizer": {"codebook": codebook}})
-    restarted = jnp.sum(dead)
-    return state.replace(params=params, code_counts=jnp.zeros_like(state.code_counts)), restarted
-
-  def eval_step(self, params, images):
-    raw, ids, _ = self.model.apply({"params": params}, images)
-    reconstruction = model.to_image(raw, self.config)
-    counts = jnp.bincount(ids.reshape(-1), length=self.config.codebook_size)
-    return losses.psnr(reconstruction, images), counts, reconstruction
-
-
-def _freeze(optimizer: optax.GradientTransformation, frozen: Sequence[str]):
-  """Zero updates for the top-level parameter groups in `frozen` (stage two)."""
-  if not frozen:
-    return optimizer
-
-  def labels(params):
-    return {
-      name: jax.tree_util.tree_map(
-        lambda _, label="frozen" if name in frozen else "trained": label, sub
-      )
-      for name, sub in params.items()
-    }
-
-  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def _image_grid(images: np.ndarray, reconstructions: np.ndarray, count: int = 8) -> np.ndarray:
@@ -269,24 +104,21 @@ def train(
   from parti.tasks import input_pipeline, registry  # noqa: F401  (registers the tasks)
 
   model_dir = pathlib.Path(model_dir)
-  if tfds_data_dir:
-    seqio.set_tfds_data_dir_override(tfds_data_dir)
+  schedule = loop.Schedule(num_steps, log_every, eval_every, checkpoint_every)
   bad = set(freeze) - {"encoder", "quantizer", "decoder"}
   if bad:
     raise ConfigError(f"freeze may name encoder, quantizer and decoder, not {sorted(bad)}.")
-  device_mesh = partitioning.create_mesh(mesh)
-  rules = partitioning.rules_for(mesh)
-  partitioning.check_batch_size(batch_size, device_mesh)
+  device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
 
   perceptual = None
   if vgg_weights and loss_weights.perceptual > 0:
     perceptual = vgg.load_vgg16(vgg_weights)
   elif loss_weights.perceptual > 0:
     logging.info("Perceptual loss off: no VGG16 weights file given (train.vgg_weights).")
-  trainer = Trainer(
+  trainer = trainer_lib.Trainer(
     config,
     loss_weights,
-    _freeze(optim.adam(optimizer, num_steps), freeze),
+    trainer_lib.freeze_groups(optim.adam(optimizer, num_steps), freeze),
     optim.adam(disc_optimizer, num_steps),
     disc_channels,
     perceptual,
@@ -315,12 +147,10 @@ def train(
   checkpointer = checkpoints.Checkpointer(
     model_dir, keep=keep_checkpoints, save_every=checkpoint_every
   )
-  state, start, _ = checkpoints.restore_train_state(
-    checkpointer, state, state_shardings, train_iterator
-  )
-  if not start and jax.process_index() == 0:
-    config.save(model_dir / CONFIG_FILE)
-  gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
+  state, start, meta = loop.resume(
+    model_dir, checkpointer, state, state_shardings, train_iterator,
+    save_config=lambda folder: config.save(folder / CONFIG_FILE),
+  )  # fmt: skip
 
   batch_sharding = partitioning.logical_sharding(device_mesh, ("batch", None, None, None), rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
@@ -346,7 +176,7 @@ def train(
       )
     return jax.make_array_from_process_local_data(batch_sharding, images)
 
-  def evaluate(step: int) -> dict[str, float]:
+  def evaluate(step: int, state, writer) -> dict[str, float]:
     psnrs, counts, shown = [], np.zeros(config.codebook_size, np.int64), None
     for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
       if batch["image"].shape[0] * jax.process_count() != batch_size:
@@ -370,47 +200,34 @@ def train(
         np.exp(-np.sum(probs[probs > 0] * np.log(probs[probs > 0])))
       ),
     }
-    writer.scalars(step, result)
     writer.images(step, {"eval/input_vs_reconstruction": shown})
-    logging.info("Evaluation at step %d: %s", step, result)
     return result
 
-  writer = metric_logging.MetricLogger(model_dir)
-  progress = metric_logging.Progress(num_steps, start, unit="images", every=log_every)
-  preemption = checkpoints.Preemption()
-  result: dict[str, float] = {}
-  step = start
-  with preemption.watching():
-    while step < num_steps:
-      images = to_global(next(train_iterator))
-      with_gan = loss_weights.adversarial > 0 and step >= loss_weights.adversarial_start_step
-      with partitioning.activate(device_mesh, rules):
-        state, metrics = steps[with_gan](state, images)
-      step += 1
-      if dead_code_restart_every and step % dead_code_restart_every == 0:
-        with partitioning.activate(device_mesh, rules):
-          state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
-        logging.info("Step %d: restarted %d dead codes.", step, int(restarted))
-      if step % log_every == 0 or step == num_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(scalars["loss/total"]):
-          checkpointer.close()
-          raise FloatingPointError(
-            f"Loss is {scalars['loss/total']} at step {step}; stopping. The last good "
-            f"checkpoint is in {checkpointer.directory} (steps {checkpointer.steps()})."
-          )
-        writer.scalars(step, scalars)
-        progress.update(step, log_every * batch_size)
-      if step % eval_every == 0 or step == num_steps:
-        result = evaluate(step)
-      if checkpointer.should_save(step) or step == num_steps or preemption.requested:
-        checkpoints.save_train_state(checkpointer, step, state, input_iterator=train_iterator)
-      if preemption.requested:
-        logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
-        break
-  checkpointer.close()
-  writer.flush()
-  return result
+  def train_step(step: int, state, images):
+    with_gan = loss_weights.adversarial > 0 and step >= loss_weights.adversarial_start_step
+    return steps[with_gan](state, images)
+
+  def restart_dead_codes(step: int, state, images, writer):
+    del writer  # Restarts log a line, not a metric.
+    if not (dead_code_restart_every and step % dead_code_restart_every == 0):
+      return state, False
+    state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
+    logging.info("Step %d: restarted %d dead codes.", step, int(restarted))
+    return state, False
+
+  hooks = loop.Hooks(
+    step=train_step,
+    next_batch=lambda: to_global(next(train_iterator)),
+    loss_key="loss/total",
+    metric_prefix="",
+    evaluate=evaluate,
+    after_step=restart_dead_codes,
+  )
+  return loop.run(
+    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
+    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
+    examples_per_step=batch_size, seconds_before=meta.get(loop.TRAIN_SECONDS, 0.0),
+  )  # fmt: skip
 
 
 def _load_start(init_from: str, config: TokenizerConfig, params, shardings):

@@ -10,7 +10,7 @@ import html
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from parti import files
+from parti.runtime import files
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }

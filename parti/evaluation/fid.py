@@ -10,7 +10,7 @@ trace of the matrix square root comes from symmetric eigendecompositions (see
 The statistics are saved to and loaded from `.npz` (`mu`, `sigma`, `count`), the
 format pytorch-fid reads, so reference statistics are computed once.
 
-The features come from Inception-v3's pool layer (`parti.inception`, weights the
+The features come from Inception-v3's pool layer (`parti.evaluation.inception`, weights the
 user supplies); `python -m parti.evaluate_images` runs the whole measurement.
 """
 
@@ -41,7 +41,7 @@ class FeatureStatistics:
     return cls(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
 
   def save(self, path: str | pathlib.Path) -> None:
-    from parti import files
+    from parti.runtime import files
 
     buffer = io.BytesIO()
     np.savez(buffer, mu=self.mu, sigma=self.sigma, count=self.count)

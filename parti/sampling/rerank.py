@@ -6,7 +6,7 @@
 
 Used by `parti.infer` to keep the best k of n samples (Parti reranks with CoCa,
 DALL-E with CLIP) and by the evaluations as a CLIP-score-style metric
-(`parti.contrastive.clip_score`). The model is small and scores each host's own
+(`parti.modeling.contrastive.clip_score`). The model is small and scores each host's own
 images, so it runs replicated on the host's first device, needing no mesh.
 Runs without TensorFlow.
 """
@@ -22,10 +22,10 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from parti import checkpoints
-from parti.contrastive import CONFIG_FILE, ContrastiveConfig, DualEncoder
-from parti.errors import ConfigError
-from parti.prompts import Prompt, PromptEncoder
+from parti.modeling.contrastive import CONFIG_FILE, ContrastiveConfig, DualEncoder
+from parti.runtime.errors import ConfigError
+from parti.sampling.prompts import Prompt, PromptEncoder
+from parti.training import checkpoints
 
 
 class Reranker:

@@ -3,8 +3,8 @@
 A user with t5x installed from source binds it in a t5x gin file:
 
     from __gin__ import dynamic_registration
-    from parti import t5x_model
-    from parti import config as parti_config
+    from parti.modeling import t5x_model
+    from parti.modeling import config as parti_config
 
     MODEL = @t5x_model.PartiT5xModel()
     t5x_model.PartiT5xModel.config = @parti_config.PartiConfig()
@@ -30,9 +30,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import partitioning as flax_partitioning
 
-from parti import decoding, losses
-from parti.config import PartiConfig
-from parti.model import Parti
+from parti.modeling import model
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import Parti
+from parti.sampling import decoding
+from parti.training import losses
 
 Batch = Mapping[str, jax.Array]
 
@@ -53,7 +55,7 @@ def params_axes(boxed_params) -> dict[str, Any]:
 
 
 class PartiT5xModel:
-  """The t5x `BaseModel` methods over `parti.model.Parti`.
+  """The t5x `BaseModel` methods over `parti.modeling.model.Parti`.
 
   Attributes:
     config: the architecture.
@@ -91,15 +93,13 @@ class PartiT5xModel:
     input_shapes: Mapping[str, tuple[int, ...]],
     input_types: Mapping[str, jnp.dtype] | None = None,
   ) -> dict[str, Any]:
-    """{"params": plain arrays, "params_axes": their logical axis names}."""
-    input_types = input_types or {}
-    text = jnp.ones(
-      input_shapes["encoder_input_tokens"], input_types.get("encoder_input_tokens", jnp.int32)
-    )
-    image = jnp.zeros(
-      input_shapes["decoder_input_tokens"], input_types.get("decoder_input_tokens", jnp.int32)
-    )
-    boxed = self.module.init(rng, text, image)["params"]
+    """{"params": plain arrays, "params_axes": their logical axis names}.
+
+    The parameters' shapes come from the config alone; t5x's input shapes and types
+    change nothing in them, so they are accepted and not read.
+    """
+    del input_shapes, input_types
+    boxed = model.init_params(self.config, rng)
     return {"params": nn.meta.unbox(boxed), "params_axes": params_axes(boxed)}
 
   # --- Training and evaluation ---------------------------------------------------------------

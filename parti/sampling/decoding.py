@@ -19,8 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from parti.config import PartiConfig
-from parti.model import Parti, unstack_layers
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import Parti, unstack_layers
 
 
 def kth_largest(values: jax.Array, k: int) -> jax.Array:
@@ -188,7 +188,7 @@ def sample(
   if prefix is not None:
     first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
   logits, variables = model.apply(
-    {"params": params}, doubled(first), encoded, mask, decode=True, method=Parti.decode,
+    {"params": params}, doubled(first), encoded, mask, use_cache=True, method=Parti.decode,
     mutable=["cache"],
   )  # fmt: skip
 
@@ -219,7 +219,7 @@ def sample(
     token = choose(logits, position)
     log_prob = log_prob_of(logits, token)
     next_logits, updated = model.apply(
-      {"params": params, "cache": cache}, doubled(token)[:, None], None, mask, decode=True,
+      {"params": params, "cache": cache}, doubled(token)[:, None], None, mask, use_cache=True,
       method=Parti.decode, mutable=["cache"],
     )  # fmt: skip
     return (updated["cache"], guide(next_logits[:, -1])), (token, log_prob)

@@ -1,7 +1,7 @@
 """Sample images during training: a few fixed validation prompts, generated and drawn.
 
 Every `SampleConfig.every` steps the training job generates one image per prompt
-with the KV-cached sampler (`parti.decoding`), decodes the tokens with the image
+with the KV-cached sampler (`parti.sampling.decoding`), decodes the tokens with the image
 tokenizer, and writes a contact sheet of images with their captions to
 MODEL_DIR/images/samples_STEP.png (and TensorBoard). Without a tokenizer to
 decode with, it says so once and draws nothing.
@@ -21,9 +21,11 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from parti import contact_sheet, decoding
-from parti.config import PartiConfig
-from parti.errors import ConfigError
+from parti.evaluation import contact_sheet
+from parti.modeling.config import PartiConfig
+from parti.runtime import images as images_io
+from parti.runtime.errors import ConfigError
+from parti.sampling import decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,6 @@ class TrainingSamples:
     if self.tokenizer is None:
       return None
     images = self.tokenizer.decode(self.tokens(params))
-    pixels = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    pixels = images_io.to_uint8(images)
     png = contact_sheet.contact_sheet(list(pixels), self.captions, columns=4, cell=128)
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.float32) / 255.0

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from parti import layers
-from parti.errors import ConfigError
-from parti.tokenizer.model import l2_normalize, patchify
+from parti.modeling import layers
+from parti.modeling.layers import l2_normalize, patchify
+from parti.runtime.errors import ConfigError
 
 CONFIG_FILE = "contrastive_config.json"
 _EMBED_INIT = nn.initializers.normal(0.02)
@@ -95,7 +95,7 @@ class ContrastiveConfig:
     return self.image_size // self.patch_size
 
   def save(self, path: str | pathlib.Path) -> None:
-    from parti import files
+    from parti.runtime import files
 
     files.atomic_write_json(path, dataclasses.asdict(self))
 

@@ -176,7 +176,7 @@ def load_inception(path: str | pathlib.Path) -> dict[str, tuple[jax.Array, jax.A
   if not path.is_file():
     raise FileNotFoundError(
       f"Inception-v3 weights file {path} not found. FID needs the pytorch-fid Inception "
-      "weights exported to .npz (see parti/inception.py); none can be downloaded here."
+      "weights exported to .npz (see parti/evaluation/inception.py); none can be downloaded here."
     )
   try:
     data = np.load(path)
@@ -188,7 +188,7 @@ def load_inception(path: str | pathlib.Path) -> dict[str, tuple[jax.Array, jax.A
     if missing:
       raise ValueError(
         f"{path} lacks {len(missing)} Inception-v3 keys, e.g. {missing[:3]}; export "
-        "pytorch-fid's fid_inception_v3() state dict (see parti/inception.py)."
+        "pytorch-fid's fid_inception_v3() state dict (see parti/evaluation/inception.py)."
       )
     for key, shape in expected.items():
       if tuple(data[key].shape) != shape:

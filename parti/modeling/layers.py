@@ -309,3 +309,26 @@ def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
     angles = grid.reshape(-1, 1).astype(jnp.float32) * omega[None]
     parts += [jnp.sin(angles), jnp.cos(angles)]
   return jnp.concatenate(parts, axis=1)
+
+
+# --- Images as patch sequences, and unit vectors (the tokenizer's and the reranker's) -----
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], row-major patches."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int]) -> jax.Array:
+  """The inverse of `patchify`."""
+  b, _, d = patches.shape
+  c = d // (patch * patch)
+  x = patches.reshape(b, grid[0], grid[1], patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, grid[0] * patch, grid[1] * patch, c)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  """x scaled to unit l2 norm along `axis` (eps keeps zero vectors finite)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 PAD_ID, EOS_ID = 0, 1
 TASK_PREFIX = "task:"

@@ -9,7 +9,7 @@
 
 Classifier-free guidance is trained here: with probability `cfg_dropout_rate` an
 example's text is replaced by the null condition (see `Parti.encode`).
-Decoding hooks: `encode()` once, then `decode(..., decode=True)` with a mutable
+Decoding hooks: `encode()` once, then `decode(..., use_cache=True)` with a mutable
 `cache` collection, one or more positions per call (see `layers.Attention`).
 """
 
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from parti import layers
-from parti.config import PartiConfig
+from parti.modeling import layers
+from parti.modeling.config import PartiConfig
 
 _EMBED_INIT = nn.initializers.normal(stddev=1.0)
 # Input embedding tables are padded to a multiple of this, so that they split evenly
@@ -392,13 +392,17 @@ class Parti(nn.Module):
     encoded: jax.Array | None,
     encoder_mask: jax.Array,
     enable_dropout: bool = False,
-    decode: bool = False,
+    use_cache: bool = False,
   ) -> jax.Array:
-    """Image tokens -> logits. With `decode=True`, reads and extends the KV cache;
+    """Image tokens -> logits. With `use_cache=True`, reads and extends the KV cache;
     after the first (prefill) call `encoded` may be None: cross-attention reads
     its cached keys and values."""
     return self.decoder(
-      decoder_input_tokens, encoded, encoder_mask, deterministic=not enable_dropout, decode=decode
+      decoder_input_tokens,
+      encoded,
+      encoder_mask,
+      deterministic=not enable_dropout,
+      decode=use_cache,
     )
 
   def __call__(
@@ -409,3 +413,21 @@ class Parti(nn.Module):
   ) -> jax.Array:
     encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
     return self.decode(decoder_input_tokens, encoded, mask, enable_dropout)
+
+
+def dummy_inputs(config: PartiConfig, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(text, image tokens) of the model's shapes, for initialization and shape tracing."""
+  return (
+    jnp.ones((batch_size, config.text_length), jnp.int32),
+    jnp.zeros((batch_size, config.image_length), jnp.int32),
+  )
+
+
+def init_params(config: PartiConfig, rng: jax.Array, batch_size: int = 1):
+  """The model's initial parameters, boxed with their logical axes."""
+  return Parti(config).init(rng, *dummy_inputs(config, batch_size))["params"]
+
+
+def abstract_params(config: PartiConfig):
+  """The parameter tree's shapes and dtypes, without allocating it (boxed with logical axes)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

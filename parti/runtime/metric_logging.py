@@ -7,7 +7,6 @@ metrics.jsonl, and images to PNG files.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import pathlib
@@ -17,9 +16,9 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from parti import files
+from parti.runtime import files
+from parti.runtime import images as images_io
 
 
 class MetricLogger:
@@ -52,11 +51,8 @@ class MetricLogger:
     if not self._chief:
       return
     for name, image in images.items():
-      pixels = (np.clip(np.asarray(image, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-      buffer = io.BytesIO()
-      Image.fromarray(pixels).save(buffer, format="PNG")
       filename = f"{name.replace('/', '_')}_{step:07d}.png"
-      files.atomic_write_bytes(self.directory / "images" / filename, buffer.getvalue())
+      files.atomic_write_bytes(self.directory / "images" / filename, images_io.png_bytes(image))
     if self._writer is not None:
       self._writer.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
 

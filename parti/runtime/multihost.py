@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from absl import flags, logging
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 _MULTIHOST = flags.DEFINE_bool(
   "multihost", False, "Call jax.distributed.initialize() and let JAX detect the cluster."

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from parti import losses, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
-from parti.model import Parti
+from parti import partitioning
+from parti.modeling import model as model_lib
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import Parti
+from parti.runtime.errors import ConfigError
+from parti.training import losses
 
 Batch = dict[str, jax.Array]
 # Logical axes of every feature a step may be fed; the rules shard "batch" over the data axes.
@@ -93,10 +95,7 @@ class PartiTrainer:
 
   def init_params(self, rng: jax.Array):
     """Boxed (logically partitioned) parameters."""
-    batch = self.dummy_batch()
-    return self.model.init(
-      rng, batch["encoder_input_tokens"], batch["decoder_input_tokens"], enable_dropout=False
-    )["params"]
+    return model_lib.init_params(self.config, rng)
 
   def init(self, seed: int) -> TrainState:
     """The initial state (boxed leaves: use with `partitioning.init_sharded`)."""

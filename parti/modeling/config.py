@@ -11,7 +11,7 @@ import dataclasses
 import json
 import pathlib
 
-from parti.errors import ConfigError
+from parti.runtime.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
 TEXT_POSITIONS = ("relative", "learned")
@@ -125,7 +125,7 @@ class PartiConfig:
     return dataclasses.replace(self, **changes)
 
   def save(self, path: str | pathlib.Path) -> None:
-    from parti import files
+    from parti.runtime import files
 
     files.atomic_write_json(path, dataclasses.asdict(self))
 

@@ -26,9 +26,11 @@ from collections.abc import Callable, Sequence
 import gin
 from absl import app, flags, logging
 
-from parti import files, multihost, optim, partitioning
-from parti.config import PartiConfig
-from parti.errors import ConfigError
+from parti import partitioning
+from parti.modeling.config import PartiConfig
+from parti.runtime import files, multihost
+from parti.runtime.errors import ConfigError
+from parti.training import optim
 
 _GIN_FILES = flags.DEFINE_multi_string(
   "gin_file",

@@ -1,0 +1,2 @@
+"""Evaluation and reports: FID with Inception-v3, galleries, contact sheets and
+per-category prompt reports."""

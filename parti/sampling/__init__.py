@@ -1,0 +1,2 @@
+"""Sampling: prompts in, image tokens out (KV-cached decoding with classifier-free
+guidance), and reranking of the samples."""

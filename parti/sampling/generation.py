@@ -1,0 +1,156 @@
+"""Generating images from prompts: sampling options, each request's seed and guidance
+scale, this host's slice of a batch, and the jitted sampler that turns prompts into
+decoded images.
+
+Inference, evaluation and the benches generate through here; `parti.modeling.
+checkpoint_io` loads the model they sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from parti import partitioning
+from parti.runtime.errors import ConfigError
+from parti.sampling import decoding
+from parti.sampling.prompts import Prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How each prompt is sampled.
+
+  Attributes:
+    guidance_scale: classifier-free guidance (Parti: 1.2 for its best FID); 1.0 is off.
+    temperature: sampling temperature (0: greedy).
+    top_k: sample among the k likeliest codes (0: all).
+    top_p: sample among the likeliest codes holding this mass (1.0: all).
+    samples: images drawn per prompt.
+    keep: the best of them kept (by score).
+    seed: the run's seed; a request's is derived from it and the request's text, unless
+      the request sets its own.
+    prefix_rows: image completion: rows of each request's image (in tokenizer grid
+      rows) kept as they are and continued downward (0: generate whole images).
+  """
+
+  guidance_scale: float = 1.2
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  samples: int = 1
+  keep: int = 1
+  seed: int = 0
+  prefix_rows: int = 0
+
+  def __post_init__(self):
+    if not 1 <= self.keep <= self.samples:
+      raise ConfigError(f"Keep 1 to `samples` ({self.samples}) images per prompt, not {self.keep}.")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.prefix_rows < 0:
+      raise ConfigError(f"Bad sampling options: {self}.")
+
+
+def prompt_seed(seed: int, prompt: Prompt) -> int:
+  """A request's seed: its own, else a stable hash of the run's seed and its text."""
+  if prompt.seed is not None:
+    return prompt.seed
+  return zlib.crc32(f"{seed}:{prompt.text}".encode()) & 0x7FFFFFFF
+
+
+def guidance_scale(options: SamplingOptions, prompt: Prompt) -> float:
+  """A request's guidance scale: its own, else the run's."""
+  return options.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
+
+
+def load_tokenizer(tokenizer_dir: str, config, mesh):
+  """(tokenizer config, replicated parameters, step), checked against the model's codes."""
+  from parti.tokenizer import checkpoint_io
+
+  tok_config, params, step = checkpoint_io.load_for_model(tokenizer_dir, config)
+  return tok_config, partitioning.replicate(params, mesh), step
+
+
+def host_inputs(
+  mine: Sequence[tuple[int, Prompt]],
+  per_host: int,
+  encoder,
+  options: SamplingOptions,
+  prefixes: dict[int, np.ndarray] | None = None,
+):
+  """This host's rows (per_host * samples): text [rows, T], seeds [rows, 2], guidance
+  scales [rows] and image prefixes [rows, k] (k = 0 without completion). Padding rows
+  repeat the last prompt (their outputs are dropped); a host with no prompt left in
+  the last batch is given one of another host's, to pad with."""
+  padded = list(mine) + [mine[-1]] * (per_host - len(mine))
+  rows = [(index, p, sample) for index, p in padded for sample in range(options.samples)]
+  text = np.stack([encoder.encode(p) for _, p, _ in rows])
+  seeds = np.array([(prompt_seed(options.seed, p), sample) for _, p, sample in rows], np.int32)
+  scales = np.array([guidance_scale(options, p) for _, p, _ in rows], np.float32)
+  prefix = (
+    np.stack([prefixes[index] for index, _, _ in rows]).astype(np.int32)
+    if prefixes
+    else np.zeros((len(rows), 0), np.int32)
+  )
+  return text, seeds, scales, prefix
+
+
+def make_generator(
+  config,
+  tok_config,
+  options: SamplingOptions,
+  mesh,
+  rules,
+  param_shardings,
+  per_request_scales: bool = False,
+):
+  """The jitted sampler and tokenizer decoder, shared by inference and evaluation.
+
+  Returns a function of (params, tokenizer params, and `host_inputs`' arrays) ->
+  this host's (images [prompts, samples, H, W, 3], scores [prompts, samples]) as
+  numpy. Guidance uses the run's scale (1.0 skips the unconditional stream) unless
+  `per_request_scales`, when each row's own scale is used."""
+  from jax.experimental import multihost_utils
+
+  from parti.tokenizer import model as tokenizer_model
+
+  vqgan = tokenizer_model.VitVQGAN(tok_config)
+  batch_spec = partitioning.logical_to_spec(("batch",), rules)
+  rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def generate(params, tok_params, text, seeds, scales, prefix):
+    keys = jax.vmap(
+      lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s[0]), s[1])
+    )(seeds)
+    tokens, log_probs = decoding.sample(
+      config, params, text, keys, temperature=options.temperature, top_k=options.top_k,
+      top_p=options.top_p, guidance_scale=scales if per_request_scales else options.guidance_scale,
+      prefix=prefix if prefix.shape[1] else None,
+    )  # fmt: skip
+    ids = tokens.reshape(-1, *config.image_grid)
+    images = vqgan.apply({"params": tok_params}, ids, method=tokenizer_model.VitVQGAN.decode)
+    return images, jnp.sum(log_probs, axis=-1)
+
+  jitted = jax.jit(
+    generate,
+    in_shardings=(param_shardings, replicated, *[rows_sharding] * 4),
+    out_shardings=(rows_sharding, rows_sharding),
+  )
+
+  def run(params, tok_params, *host_arrays):
+    global_arrays = [jax.make_array_from_process_local_data(rows_sharding, x) for x in host_arrays]
+    with partitioning.activate(mesh, rules):
+      images, scores = jitted(params, tok_params, *global_arrays)
+    images, scores = multihost_utils.global_array_to_host_local_array(
+      (images, scores), mesh, (batch_spec, batch_spec)
+    )
+    images = np.asarray(images, np.float32)
+    shape = (-1, options.samples)
+    return images.reshape(*shape, *images.shape[1:]), np.asarray(scores).reshape(shape)
+
+  return run

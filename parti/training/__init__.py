@@ -1,0 +1,2 @@
+"""Training: the step functions, optimizers, losses, checkpoints and the samples logged
+while a run trains."""

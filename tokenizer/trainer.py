@@ -1,0 +1,181 @@
+"""The tokenizer's training state and jitted steps: the generator and discriminator
+updates, dead-code restarts and the evaluation step (`parti.tokenizer.train` drives
+them through `parti.training.loop`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from parti.tokenizer import discriminator, losses, model, vgg
+from parti.tokenizer.config import TokenizerConfig
+
+
+@flax.struct.dataclass
+class TokenizerState:
+  """Everything a checkpoint holds."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  disc_params: Any
+  disc_opt_state: Any
+  code_counts: jax.Array  # Codes chosen since the last dead-code restart.
+
+
+class Trainer:
+  """The jitted steps of one configuration; `train` drives them."""
+
+  def __init__(
+    self,
+    config: TokenizerConfig,
+    weights: losses.LossWeights,
+    optimizer: optax.GradientTransformation,
+    disc_optimizer: optax.GradientTransformation,
+    disc_channels: int,
+    perceptual_weights: dict | None,
+  ):
+    self.config = config
+    self.weights = weights
+    self.model = model.VitVQGAN(config)
+    self.disc = discriminator.Discriminator(base_channels=disc_channels)
+    self.optimizer = optimizer
+    self.disc_optimizer = disc_optimizer
+    self.perceptual_weights = perceptual_weights
+
+  def init(self, rng: jax.Array) -> TokenizerState:
+    images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
+    g_rng, d_rng = jax.random.split(rng)
+    params = self.model.init(g_rng, images)["params"]
+    disc_params = self.disc.init(d_rng, images)["params"]
+    return TokenizerState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.optimizer.init(params),
+      disc_params=disc_params,
+      disc_opt_state=self.disc_optimizer.init(disc_params),
+      code_counts=jnp.zeros((self.config.codebook_size,), jnp.int32),
+    )
+
+  def _generator_loss(self, params, disc_params, images, with_gan: bool):
+    cfg, w = self.config, self.weights
+    raw, ids, vq = self.model.apply({"params": params}, images)
+    reconstruction = model.to_image(raw, cfg)
+    rgb = raw[..., :3] if not cfg.logit_laplace else reconstruction
+    terms = {
+      "l2": losses.l2(rgb, images),
+      "codebook": vq["codebook"],
+      "commitment": vq["commitment"],
+    }
+    total = (
+      w.l2 * terms["l2"] + w.codebook * vq["codebook"] + cfg.commitment_cost * vq["commitment"]
+    )
+    if cfg.logit_laplace:
+      terms["logit_laplace"] = losses.logit_laplace_nll(raw, images)
+      total += w.logit_laplace * terms["logit_laplace"]
+    if self.perceptual_weights is not None and w.perceptual > 0:
+      terms["perceptual"] = vgg.perceptual_distance(self.perceptual_weights, reconstruction, images)
+      total += w.perceptual * terms["perceptual"]
+    if with_gan:
+      fake = self.disc.apply({"params": disc_params}, reconstruction)
+      terms["adversarial"] = losses.generator_adversarial(fake, w.gan_loss)
+      total += w.adversarial * terms["adversarial"]
+    terms["total"] = total
+    return total, (terms, reconstruction, ids)
+
+  def train_step(self, state: TokenizerState, images: jax.Array, with_gan: bool):
+    """One generator update (and, with the GAN on, one discriminator update)."""
+    grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
+    (_, (terms, reconstruction, ids)), grads = grad_fn(
+      state.params, state.disc_params, images, with_gan
+    )
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {f"loss/{k}": v for k, v in terms.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["psnr"] = losses.psnr(reconstruction, images)
+    metrics.update(
+      {f"codebook/{k}": v for k, v in losses.codebook_stats(ids, self.config.codebook_size).items()}
+    )
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if with_gan:
+      disc_loss, disc_grads = jax.value_and_grad(self._disc_loss)(
+        state.disc_params, images, jax.lax.stop_gradient(reconstruction)
+      )
+      disc_updates, disc_opt_state = self.disc_optimizer.update(
+        disc_grads, state.disc_opt_state, state.disc_params
+      )
+      disc_params = optax.apply_updates(state.disc_params, disc_updates)
+      metrics["loss/discriminator"] = disc_loss
+    counts = state.code_counts + jnp.bincount(ids.reshape(-1), length=self.config.codebook_size)
+    state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      disc_params=disc_params,
+      disc_opt_state=disc_opt_state,
+      code_counts=counts,
+    )
+    return state, metrics
+
+  def _disc_loss(self, disc_params, real, fake):
+    def discriminate(x):
+      return self.disc.apply({"params": disc_params}, x)
+
+    loss = losses.discriminator_loss(discriminate(real), discriminate(fake), self.weights.gan_loss)
+    if self.weights.r1_gamma > 0:
+      loss += self.weights.r1_gamma / 2 * losses.r1_penalty(discriminate, real)
+    return loss
+
+  def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
+    """Moves codes unused since the last restart onto current encoder outputs.
+
+    Outputs are drawn with probability proportional to their squared distance to the
+    nearest code (k-means++ seeding), not uniformly: in images that are mostly flat
+    background, uniform picks land on patches the codebook already serves and the
+    restarted codes die again, while the rarer edge patches stay coarsely coded.
+    """
+
+    def encode(module, x):
+      z = module.encoder(x).reshape(-1, self.config.code_dim)
+      nearest = module.quantizer.embed(module.quantizer.lookup(z))
+      if self.config.l2_normalize:
+        z = model.l2_normalize(z)
+      return z, jnp.sum((z - nearest) ** 2, axis=-1)
+
+    z, distance = self.model.apply({"params": state.params}, images, method=encode)
+    logits = jnp.log(jnp.maximum(distance, 1e-12))
+    picks = jax.random.categorical(rng, logits, shape=(self.config.codebook_size,))
+    dead = state.code_counts == 0
+    codebook = state.params["quantizer"]["codebook"]
+    codebook = jnp.where(dead[:, None], z[picks], codebook)
+    params = flax.core.copy(state.params, {"quantizer": {"codebook": codebook}})
+    restarted = jnp.sum(dead)
+    return state.replace(params=params, code_counts=jnp.zeros_like(state.code_counts)), restarted
+
+  def eval_step(self, params, images):
+    raw, ids, _ = self.model.apply({"params": params}, images)
+    reconstruction = model.to_image(raw, self.config)
+    counts = jnp.bincount(ids.reshape(-1), length=self.config.codebook_size)
+    return losses.psnr(reconstruction, images), counts, reconstruction
+
+
+def freeze_groups(optimizer: optax.GradientTransformation, frozen: Sequence[str]):
+  """Zero updates for the top-level parameter groups in `frozen` (stage two)."""
+  if not frozen:
+    return optimizer
+
+  def labels(params):
+    return {
+      name: jax.tree_util.tree_map(
+        lambda _, label="frozen" if name in frozen else "trained": label, sub
+      )
+      for name, sub in params.items()
+    }
+
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
