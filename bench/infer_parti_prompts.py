@@ -11,7 +11,7 @@ sample per prompt), and reports:
     run's text length truncates (PartiPrompts has long, detailed prompts);
   - the job's images/s over the whole run, and the share of its time spent in
     the jitted sampler + tokenizer decoder (the first call, which compiles, is
-    reported apart). The rest is the job's own work: reading and encoding
+    reported apart), as the job records them in its timing-00000.json. The rest is the job's own work: reading and encoding
     prompts, moving images to the host, PNG encoding, atomic writes, the
     manifest and the gallery;
   - a rerun over the finished folder: the time to find that nothing is left.
@@ -24,6 +24,7 @@ nothing and their scores are not quality figures; this measures the job.
 from __future__ import annotations
 
 import collections
+import json
 import pathlib
 import tempfile
 import time
@@ -44,24 +45,6 @@ _VOCABULARY = flags.DEFINE_string("vocabulary", None, "SentencePiece model (defa
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N prompts (0: all).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Prompts per batch.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the images go (default: a temp folder).")
-
-
-def _timed_generator(calls: list[tuple[float, float]]):
-  """`infer.make_generator`, with the (start, end) of each call to its generator recorded."""
-  make = infer.make_generator
-
-  def make_timed(*args, **kwargs):
-    generate = make(*args, **kwargs)
-
-    def timed(*inputs):
-      start = time.perf_counter()
-      result = generate(*inputs)  # Returns numpy: the device work is done.
-      calls.append((start, time.perf_counter()))
-      return result
-
-    return timed
-
-  return make_timed
 
 
 def main(argv):
@@ -95,8 +78,6 @@ def main(argv):
       "Prompt\tCategory\tChallenge\n"
       + "".join(f"{p.text}\t{p.category}\t{p.challenge}\n" for p in prompts)
     )
-  calls: list[tuple[float, float]] = []
-  infer.make_generator = _timed_generator(calls)
   run = dict(
     checkpoint_dir=_CHECKPOINT.value, tokenizer_dir=_TOKENIZER.value, prompts=str(subset),
     output_dir=str(folder / "out"), options=generation.SamplingOptions(), batch_size=_BATCH.value,
@@ -110,11 +91,11 @@ def main(argv):
   rerun = time.perf_counter() - start_rerun
   if again:
     raise RuntimeError(f"The rerun generated {len(again)} prompts again.")
-  # Loading (model, tokenizer) ends when the first call starts; that call compiles.
-  setup = calls[0][0] - start_job
-  first = calls[0][1] - calls[0][0]
-  loop = start_rerun - calls[0][1]  # From the first call's end to the job's end.
-  sampler = sum(end - begin for begin, end in calls[1:])
+  # What the job itself measured: loading ends when the first call starts, which compiles.
+  timing = json.loads((folder / "out" / "timing-00000.json").read_text())
+  setup, first = timing["loading_seconds"], timing["first_call_seconds"]
+  loop = timing["seconds_after_first_call"]
+  sampler = timing["sampler_seconds_after_first_call"]
   images_after_first = len(entries) - _BATCH.value
   print(
     "| prompts | batch | job | images/s | loading | first call | after it: images/s | sampler share | rerun |"

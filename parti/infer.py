@@ -11,6 +11,8 @@ OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
   index.html            the gallery (offline), rewritten as prompts finish
+  timing-HHHHH.json     where this run's time went, per host: loading, the first
+                        sampler call (compiling), the sampler after it, the rest
   report.md             per-category and per-challenge tables, for PartiPrompts-style prompts
   options.json          what the images were made with, and config.gin
 
@@ -116,6 +118,7 @@ def infer(
     reranker_dir: a `parti.train_contrastive` MODEL_DIR whose model ranks the samples
       (None: rank by log-likelihood).
   """
+  job_start = time.perf_counter()
   device_mesh = partitioning.create_mesh(mesh)
   rules = partitioning.rules_for(mesh)
   rows = batch_size * options.samples
@@ -192,6 +195,10 @@ def infer(
       _write_gallery(out, all_prompts, checkpoint_dir, step)
   if not num_batches:
     _write_gallery(out, all_prompts, checkpoint_dir, step)
+  if generate.calls:
+    timing = generate.timing(job_start, time.perf_counter())
+    logging.info("Where the time went: %s", timing)
+    files.atomic_write_json(out / f"timing-{jax.process_index():05d}.json", timing)
   return written
 
 

@@ -149,67 +149,23 @@ def train(
     seed: seed of initialization, dropout and data order.
   """
 
-  from parti.tasks import feature_converters, input_pipeline, registry
+  from parti.tasks import input_pipeline
 
   started = time.perf_counter()
   model_dir = pathlib.Path(model_dir)
   schedule = loop.Schedule(num_steps, log_every, eval_every, checkpoint_every)
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
-  if batch_size % microbatches or (batch_size // microbatches) % partitioning.batch_divisor(
-    device_mesh
-  ):
-    raise ConfigError(
-      f"Batch {batch_size} in {microbatches} microbatches does not split over the "
-      f"{partitioning.batch_divisor(device_mesh)}-way data axes."
-    )
-
-  if pre_encoded_dir:
-    registry.register_pre_encoded_task(mixture_or_task_name, pre_encoded_dir)
-  raw_images = _yields_raw_images(mixture_or_task_name)
-  expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
-  if set(task_feature_lengths) != expected:
-    raise ConfigError(
-      f"task_feature_lengths for {mixture_or_task_name!r} must have keys {sorted(expected)}, "
-      f"got {sorted(task_feature_lengths)}."
-    )
-  if task_feature_lengths["inputs"] > model.text_length and model.text_positions == "learned":
-    raise ConfigError(
-      f"inputs length {task_feature_lengths['inputs']} exceeds the model's learned "
-      f"text_length {model.text_length}."
-    )
-  if not raw_images and task_feature_lengths["targets"] != model.image_length:
-    raise ConfigError(
-      f"targets length {task_feature_lengths['targets']} differs from the model's "
-      f"{model.image_length} image tokens (image_grid {model.image_grid})."
-    )
-  _check_vocabulary(mixture_or_task_name, model)
-
-  image_encoder = tokenizer_params = None
-  if raw_images:
-    if not tokenizer_dir:
-      raise ConfigError(
-        f"Task {mixture_or_task_name!r} yields raw images: set train.tokenizer_dir to a "
-        "trained tokenizer, or pre-encode the task with parti.tokenizer.encode."
-      )
-    image_encoder, tokenizer_params, image_size = _load_tokenizer(tokenizer_dir, model)
-    if task_feature_lengths["image"] != image_size:
-      raise ConfigError(
-        f"The tokenizer reads {image_size}px images; task_feature_lengths['image'] is "
-        f"{task_feature_lengths['image']}."
-      )
-    converter = feature_converters.ImageTextFeatureConverter()
-  else:
-    converter = feature_converters.ImageTokensFeatureConverter(bos_id=model.bos_id)
+  _check_microbatches(batch_size, microbatches, device_mesh)
+  raw_images = _check_task(mixture_or_task_name, model, task_feature_lengths, pre_encoded_dir)
+  converter, image_encoder, tokenizer_params = _image_input(
+    raw_images, mixture_or_task_name, model, task_feature_lengths, tokenizer_dir
+  )
 
   optimizer_fn, schedule_fn = optim.build(optimizer, num_steps)
   trainer = PartiTrainer(
-    model,
-    optimizer_fn,
-    microbatches=microbatches,
-    label_smoothing=label_smoothing,
-    z_loss=z_loss,
-    image_encoder=image_encoder,
-  )
+    model, optimizer_fn, microbatches=microbatches, label_smoothing=label_smoothing,
+    z_loss=z_loss, image_encoder=image_encoder,
+  )  # fmt: skip
   state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
   if tokenizer_params is not None:
@@ -227,67 +183,158 @@ def train(
       num_epochs=epochs,
     )
 
-  train_iterator = input_pipeline.ResumableIterator(dataset(train_split, None))
-  checkpointer = checkpoints.Checkpointer(
-    model_dir, keep=keep_checkpoints, save_every=checkpoint_every
-  )
-  best = checkpoints.Checkpointer(model_dir, keep=1, save_every=1, subdir=BEST_DIR)
-  state, start, meta = loop.resume(
-    model_dir, checkpointer, state, state_shardings, train_iterator,
+  resumed = loop.resume(
+    model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
+    save_every=checkpoint_every,
     save_config=lambda folder: model.save(folder / checkpoint_io.CONFIG_FILE),
   )  # fmt: skip
-  best_loss = float(meta.get("best_eval_loss", float("inf")))
-  if not start:
-    state = _initial_state(state, state_shardings, init_from, image_embeddings_from_codebook,
-                           model, tokenizer_dir, pre_encoded_dir, seed)  # fmt: skip
+  if not resumed.start:
+    resumed.state = _initial_state(
+      resumed.state, state_shardings, model, init_from=init_from, seed=seed,
+      codebook_from=(tokenizer_dir, pre_encoded_dir) if image_embeddings_from_codebook else None,
+    )  # fmt: skip
 
-  feature_names = RAW_IMAGE_FEATURES if raw_images else TOKEN_FEATURES
-  shardings = batch_shardings(device_mesh, rules, feature_names)
+  shardings = batch_shardings(
+    device_mesh, rules, RAW_IMAGE_FEATURES if raw_images else TOKEN_FEATURES
+  )
 
   def to_global(batch) -> dict[str, jax.Array]:
     return {
-      name: jax.make_array_from_process_local_data(shardings[name], np.asarray(batch[name]))
-      for name in feature_names
+      name: jax.make_array_from_process_local_data(sharding, np.asarray(batch[name]))
+      for name, sharding in shardings.items()
     }
 
   train_step = jit_train_step(trainer, device_mesh, state_shardings, shardings)
-  eval_step = jax.jit(trainer.eval_sums, out_shardings=replicated)
+
+  evaluate = _evaluator(
+    jax.jit(trainer.eval_sums, out_shardings=replicated),
+    lambda: dataset(eval_split, 1).take(eval_batches), to_global, tokenizer_params, batch_size,
+    eval_split, device_mesh, rules,
+  )  # fmt: skip
+
+  sampler = None if not samples.every else _training_samples(
+    model, samples, dataset(eval_split or train_split, 1), mixture_or_task_name,
+    samples_lib.tokenizer_checkpoint(tokenizer_dir, pre_encoded_dir), device_mesh,
+  )  # fmt: skip
+  best = _BestCheckpoint(model_dir, resumed.meta)
+
+  hooks = loop.Hooks(
+    step=lambda step, state, batch: train_step(state, batch, tokenizer_params),
+    next_batch=lambda: to_global(next(resumed.iterator)),
+    loss_key="train/loss",
+    evaluate=evaluate if eval_split else None,
+    extra_scalars=_throughput(model, batch_size, task_feature_lengths, schedule_fn, peak_flops),
+    after_step=_sample_hook(sampler, num_steps),
+    after_evaluation=best.after_evaluation,
+    checkpoint_meta=best.meta,
+  )
+  logging.info("Set-up took %.1fs.", time.perf_counter() - started)
+  return loop.run(
+    hooks, resumed, schedule=schedule, mesh=device_mesh, rules=rules, model_dir=model_dir,
+    examples_per_step=batch_size, also_close=(best.checkpointer,),
+  )  # fmt: skip
+
+
+def _check_microbatches(batch_size: int, microbatches: int, mesh) -> None:
+  if batch_size % microbatches or (batch_size // microbatches) % partitioning.batch_divisor(mesh):
+    raise ConfigError(
+      f"Batch {batch_size} in {microbatches} microbatches does not split over the "
+      f"{partitioning.batch_divisor(mesh)}-way data axes."
+    )
+
+
+def _check_task(name: str, model: PartiConfig, lengths: dict[str, int], pre_encoded_dir) -> bool:
+  """Registers a pre-encoded task, checks its features and lengths against the model;
+  returns whether it yields raw images (else image token ids)."""
+  from parti.tasks import registry
+
+  if pre_encoded_dir:
+    registry.register_pre_encoded_task(name, pre_encoded_dir)
+  raw_images = _yields_raw_images(name)
+  expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
+  if set(lengths) != expected:
+    raise ConfigError(
+      f"task_feature_lengths for {name!r} must have keys {sorted(expected)}, got {sorted(lengths)}."
+    )
+  if lengths["inputs"] > model.text_length and model.text_positions == "learned":
+    raise ConfigError(
+      f"inputs length {lengths['inputs']} exceeds the model's learned "
+      f"text_length {model.text_length}."
+    )
+  if not raw_images and lengths["targets"] != model.image_length:
+    raise ConfigError(
+      f"targets length {lengths['targets']} differs from the model's "
+      f"{model.image_length} image tokens (image_grid {model.image_grid})."
+    )
+  _check_vocabulary(name, model)
+  return raw_images
+
+
+def _image_input(raw_images: bool, name: str, model: PartiConfig, lengths, tokenizer_dir):
+  """(feature converter, image encoder, tokenizer parameters): raw images are tokenized
+  in the step by the frozen tokenizer; token ids need neither."""
+  from parti.tasks import feature_converters
+
+  if not raw_images:
+    return feature_converters.ImageTokensFeatureConverter(bos_id=model.bos_id), None, None
+  if not tokenizer_dir:
+    raise ConfigError(
+      f"Task {name!r} yields raw images: set train.tokenizer_dir to a "
+      "trained tokenizer, or pre-encode the task with parti.tokenizer.encode."
+    )
+  image_encoder, tokenizer_params, image_size = _load_tokenizer(tokenizer_dir, model)
+  if lengths["image"] != image_size:
+    raise ConfigError(
+      f"The tokenizer reads {image_size}px images; task_feature_lengths['image'] is "
+      f"{lengths['image']}."
+    )
+  return feature_converters.ImageTextFeatureConverter(), image_encoder, tokenizer_params
+
+
+def _evaluator(eval_step, batches, to_global, tokenizer_params, batch_size, split, mesh, rules):
+  """The held-out evaluation: summed NLLs (with the caption and with the null condition)
+  over full batches, summarized into eval/ scalars."""
 
   def evaluate(step: int, state, writer) -> dict[str, float]:
     del step, writer  # The loop logs and writes what this returns.
     totals: dict[str, float] = {}
-    for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
+    for batch in batches().as_numpy_iterator():
       if len(batch["encoder_input_tokens"]) * jax.process_count() != batch_size:
         continue  # A last, partial batch would need another compilation.
-      with partitioning.activate(device_mesh, rules):
+      with partitioning.activate(mesh, rules):
         sums = jax.device_get(eval_step(state.params, to_global(batch), tokenizer_params))
       for key, value in sums.items():
         totals[key] = totals.get(key, 0.0) + float(value)
     if not totals:
-      raise ConfigError(f"The {eval_split!r} split has fewer than {batch_size} examples.")
+      raise ConfigError(f"The {split!r} split has fewer than {batch_size} examples.")
     means = summarize({k: jnp.asarray(v) for k, v in totals.items()})
     result = {f"eval/{k}": float(v) for k, v in means.items() if k != "tokens"}
     result["eval/perplexity"] = float(np.exp(result["eval/nll"]))
     return result
 
-  sampler = None
-  if samples.every:
-    sampler = _training_samples(
-      model, samples, dataset(eval_split or train_split, 1), mixture_or_task_name,
-      samples_lib.tokenizer_checkpoint(tokenizer_dir, pre_encoded_dir), device_mesh,
-    )  # fmt: skip
+  return evaluate
+
+
+def _throughput(model: PartiConfig, batch_size: int, lengths, schedule_fn, peak_flops):
+  """The learning rate, and image tokens/s and MFU of the timed steps."""
   peak = peak_flops or _measured_peak()
-  step_flops = flops.parti_train_flops(model, batch_size, task_feature_lengths["inputs"])
+  step_flops = flops.parti_train_flops(model, batch_size, lengths["inputs"])
   tokens_per_step = batch_size * model.image_length
 
-  def throughput(step: int, steps_per_second: float | None) -> dict[str, float]:
-    scalars = {"train/learning_rate": float(schedule_fn(step - 1))}
+  def scalars(step: int, steps_per_second: float | None) -> dict[str, float]:
+    found = {"train/learning_rate": float(schedule_fn(step - 1))}
     if steps_per_second is not None:
-      scalars["perf/tokens_per_second"] = steps_per_second * tokens_per_step
-      scalars["perf/mfu"] = steps_per_second * step_flops / (peak * jax.device_count())
-    return scalars
+      found["perf/tokens_per_second"] = steps_per_second * tokens_per_step
+      found["perf/mfu"] = steps_per_second * step_flops / (peak * jax.device_count())
+    return found
 
-  def draw_samples(step: int, state, batch, writer):
+  return scalars
+
+
+def _sample_hook(sampler, num_steps: int):
+  """Draws the sample images when due (and at the last step); that time is not training."""
+
+  def draw(step: int, state, batch, writer):
     del batch
     if not sampler or not (sampler.due(step) or step == num_steps):
       return state, False
@@ -296,40 +343,34 @@ def train(
       writer.images(step, {"samples": sheet})
     return state, True
 
-  def keep_best(step: int, state, result: dict[str, float]) -> None:
-    nonlocal best_loss
-    if result["eval/loss"] < best_loss:
-      best_loss = result["eval/loss"]
-      best.save(step, {"params": state.params}, meta={"eval_loss": best_loss})
-
-  hooks = loop.Hooks(
-    step=lambda step, state, batch: train_step(state, batch, tokenizer_params),
-    next_batch=lambda: to_global(next(train_iterator)),
-    loss_key="train/loss",
-    evaluate=evaluate if eval_split else None,
-    extra_scalars=throughput,
-    after_step=draw_samples,
-    after_evaluation=keep_best,
-    checkpoint_meta=lambda: {"best_eval_loss": best_loss},
-  )
-  logging.info("Set-up took %.1fs.", time.perf_counter() - started)
-  return loop.run(
-    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
-    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
-    examples_per_step=batch_size, seconds_before=float(meta.get(loop.TRAIN_SECONDS, 0.0)),
-    also_close=(best,),
-  )  # fmt: skip
+  return draw
 
 
-def _initial_state(state, shardings, init_from, embeddings_from_codebook_, model, tokenizer_dir,
-                   pre_encoded_dir, seed):  # fmt: skip
+class _BestCheckpoint:
+  """The parameters of the lowest held-out loss so far, kept apart in MODEL_DIR/best."""
+
+  def __init__(self, model_dir: pathlib.Path, meta: dict):
+    self.checkpointer = checkpoints.Checkpointer(model_dir, keep=1, save_every=1, subdir=BEST_DIR)
+    self.loss = float(meta.get("best_eval_loss", float("inf")))
+
+  def after_evaluation(self, step: int, state, result: dict[str, float]) -> None:
+    if result["eval/loss"] < self.loss:
+      self.loss = result["eval/loss"]
+      self.checkpointer.save(step, {"params": state.params}, meta={"eval_loss": self.loss})
+
+  def meta(self) -> dict:
+    return {"best_eval_loss": self.loss}
+
+
+def _initial_state(state, shardings, model: PartiConfig, *, init_from, seed, codebook_from):
   """A fresh run's parameters: another run's (`init_from`), or image embeddings drawn
-  from the tokenizer's codebook, or the random initialization as it is."""
+  from the codebook of the tokenizer that `codebook_from` (tokenizer_dir,
+  pre_encoded_dir) names, or the random initialization as it is."""
   if init_from:
     abstract = partitioning.abstract_with_shardings(state.params, shardings.params)
     return state.replace(params=_initial_params(init_from, abstract))
-  if embeddings_from_codebook_:
-    codebook = _tokenizer_codebook(model, tokenizer_dir, pre_encoded_dir)
+  if codebook_from:
+    codebook = _tokenizer_codebook(model, *codebook_from)
     embeddings = embeddings_from_codebook(codebook, model.embed_dim, seed)
     return state.replace(params=with_image_embeddings(state.params, embeddings))
   return state

@@ -24,7 +24,7 @@ from parti import partitioning
 from parti.modeling.contrastive import CONFIG_FILE, ContrastiveConfig
 from parti.runtime import gin_utils
 from parti.runtime.errors import ConfigError
-from parti.training import checkpoints, loop, optim
+from parti.training import loop, optim
 from parti.training.contrastive_trainer import ContrastiveTrainer
 
 FEATURES = ("encoder_input_tokens", "images")
@@ -93,13 +93,9 @@ def train_contrastive(
       num_epochs=epochs,
     )
 
-  train_iterator = input_pipeline.ResumableIterator(dataset(train_split, None))
-  checkpointer = checkpoints.Checkpointer(
-    model_dir, keep=keep_checkpoints, save_every=checkpoint_every
-  )
-  state, start, meta = loop.resume(
-    model_dir, checkpointer, state, state_shardings, train_iterator,
-    save_config=lambda folder: model.save(folder / CONFIG_FILE),
+  resumed = loop.resume(
+    model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
+    save_every=checkpoint_every, save_config=lambda folder: model.save(folder / CONFIG_FILE),
   )  # fmt: skip
 
   shardings = {
@@ -145,14 +141,13 @@ def train_contrastive(
 
   hooks = loop.Hooks(
     step=lambda step, state, batch: train_step(state, batch),
-    next_batch=lambda: to_global(next(train_iterator)),
+    next_batch=lambda: to_global(next(resumed.iterator)),
     loss_key="train/loss",
     evaluate=evaluate if eval_split else None,
   )
   return loop.run(
-    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
-    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
-    examples_per_step=batch_size, unit="pairs", seconds_before=meta.get(loop.TRAIN_SECONDS, 0.0),
+    hooks, resumed, schedule=schedule, mesh=device_mesh, rules=rules, model_dir=model_dir,
+    examples_per_step=batch_size, unit="pairs",
   )  # fmt: skip
 
 

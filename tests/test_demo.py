@@ -48,8 +48,8 @@ class FakeJobs:
 def test_stages_run_in_order_and_a_rerun_resumes_after_a_failure(tmp_path, monkeypatch, capsys):
   runs = tmp_path / "runs"
   failing = FakeJobs(fail="demo/encode")
-  monkeypatch.setattr(demo.subprocess, "run", failing)
-  monkeypatch.setattr(demo, "_compare_vocabulary", lambda path: None)
+  monkeypatch.setattr(stages.subprocess, "run", failing)
+  monkeypatch.setattr(stages, "_compare_vocabulary", lambda path: None)
   with pytest.raises(RuntimeError, match=r"(?s)Stage encode failed \(exit 3\).*the job broke"):
     demo.run_demo(str(runs))
   assert failing.modules == [
@@ -65,7 +65,7 @@ def test_stages_run_in_order_and_a_rerun_resumes_after_a_failure(tmp_path, monke
   assert len(prompts) == 2 * demo.HELD_OUT_PROMPTS and all(prompts)
 
   resumed = FakeJobs()
-  monkeypatch.setattr(demo.subprocess, "run", resumed)
+  monkeypatch.setattr(stages.subprocess, "run", resumed)
   seconds = demo.run_demo(str(runs))
   assert resumed.modules == [
     "parti.tokenizer.encode", "parti.train", "parti.infer", "parti.evaluate_shapes",
@@ -80,9 +80,9 @@ def test_the_long_variant_uses_its_own_gin_files_and_folder(tmp_path, monkeypatc
   jobs = FakeJobs()
   commands = []
   monkeypatch.setattr(
-    demo.subprocess, "run", lambda command, **kw: commands.append(command) or jobs(command, **kw)
+    stages.subprocess, "run", lambda command, **kw: commands.append(command) or jobs(command, **kw)
   )
-  monkeypatch.setattr(demo, "_compare_vocabulary", lambda path: None)
+  monkeypatch.setattr(stages, "_compare_vocabulary", lambda path: None)
   demo.run_demo(str(tmp_path / "long"), long=True, only=["tokenizer", "parti"])
   assert [c[3] for c in commands] == [
     "--gin_file=gin/demo/tokenizer_long.gin", "--gin_file=gin/demo/parti_long.gin",

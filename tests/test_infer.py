@@ -101,6 +101,10 @@ def test_every_prompt_gets_images_a_manifest_line_and_a_gallery_card(first_run, 
   assert page.count('class="card"') == 5
   assert "two blue squares &lt;b&gt;&amp;" in page  # Escaped.
   assert not list(out.rglob("*.tmp"))
+  timing = json.loads((out / "timing-00000.json").read_text())
+  assert timing["calls"] >= 1
+  assert 0 <= timing["sampler_seconds_after_first_call"] <= timing["seconds_after_first_call"]
+  assert timing["loading_seconds"] > 0 and timing["first_call_seconds"] > 0
 
 
 def test_long_prompts_are_truncated_with_a_warning_that_names_them(caplog):

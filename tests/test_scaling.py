@@ -12,6 +12,7 @@ from PIL import Image
 from parti import scaling
 from parti.evaluation import shapes_report
 from parti.modeling.config import PartiConfig
+from parti.runtime import stages
 
 
 def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
@@ -75,8 +76,8 @@ def test_the_study_runs_every_stage_and_reports_each_size(tmp_path, monkeypatch,
         _fake_outputs(runs, size, width, loss, accuracy)
     return subprocess.CompletedProcess(command, 0)
 
-  monkeypatch.setattr(scaling.demo.subprocess, "run", fake_job)
-  monkeypatch.setattr(scaling.demo, "_compare_vocabulary", lambda path: None)
+  monkeypatch.setattr(stages.subprocess, "run", fake_job)
+  monkeypatch.setattr(stages, "_compare_vocabulary", lambda path: None)
   rows = scaling.run_scaling(str(demo_dir), str(runs))
   assert [c[0] for c in commands] == [
     "parti.tasks.prepare_shapes", "parti.tasks.train_vocab", "parti.tokenizer.train",
@@ -100,8 +101,8 @@ def test_the_study_runs_every_stage_and_reports_each_size(tmp_path, monkeypatch,
 
 def test_a_study_with_nothing_finished_is_an_error(tmp_path, monkeypatch):
   monkeypatch.setattr(
-    scaling.demo.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 0)
+    stages.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 0)
   )
-  monkeypatch.setattr(scaling.demo, "_compare_vocabulary", lambda path: None)
+  monkeypatch.setattr(stages, "_compare_vocabulary", lambda path: None)
   with pytest.raises(scaling.ConfigError, match="No size of the study finished"):
     scaling.run_scaling(str(tmp_path / "demo"), str(tmp_path / "runs"))

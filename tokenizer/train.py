@@ -28,7 +28,7 @@ from parti.runtime.errors import ConfigError
 from parti.tokenizer import checkpoint_io, losses, vgg
 from parti.tokenizer import trainer as trainer_lib
 from parti.tokenizer.config import TokenizerConfig
-from parti.training import checkpoints, loop, optim
+from parti.training import loop, optim
 
 CONFIG_FILE = checkpoint_io.CONFIG_FILE
 
@@ -110,18 +110,8 @@ def train(
     raise ConfigError(f"freeze may name encoder, quantizer and decoder, not {sorted(bad)}.")
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
 
-  perceptual = None
-  if vgg_weights and loss_weights.perceptual > 0:
-    perceptual = vgg.load_vgg16(vgg_weights)
-  elif loss_weights.perceptual > 0:
-    logging.info("Perceptual loss off: no VGG16 weights file given (train.vgg_weights).")
-  trainer = trainer_lib.Trainer(
-    config,
-    loss_weights,
-    trainer_lib.freeze_groups(optim.adam(optimizer, num_steps), freeze),
-    optim.adam(disc_optimizer, num_steps),
-    disc_channels,
-    perceptual,
+  trainer = _make_trainer(
+    config, loss_weights, optimizer, disc_optimizer, disc_channels, vgg_weights, freeze, num_steps
   )
   state, state_shardings = partitioning.init_sharded(
     lambda: trainer.init(jax.random.key(seed)), device_mesh, rules
@@ -143,29 +133,13 @@ def train(
       num_epochs=epochs,
     )
 
-  train_iterator = input_pipeline.ResumableIterator(dataset(train_split, None))
-  checkpointer = checkpoints.Checkpointer(
-    model_dir, keep=keep_checkpoints, save_every=checkpoint_every
-  )
-  state, start, meta = loop.resume(
-    model_dir, checkpointer, state, state_shardings, train_iterator,
-    save_config=lambda folder: config.save(folder / CONFIG_FILE),
+  resumed = loop.resume(
+    model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
+    save_every=checkpoint_every, save_config=lambda folder: config.save(folder / CONFIG_FILE),
   )  # fmt: skip
 
   batch_sharding = partitioning.logical_sharding(device_mesh, ("batch", None, None, None), rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
-
-  def jit_step(with_gan: bool):
-    return jax.jit(
-      functools.partial(trainer.train_step, with_gan=with_gan),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
-    )
-
-  steps = {False: jit_step(False), True: jit_step(True)}
-  restart = jax.jit(trainer.restart_dead_codes, donate_argnums=0)
-  evaluate_batch = jax.jit(trainer.eval_step, out_shardings=replicated)
 
   def to_global(batch) -> jax.Array:
     images = np.asarray(batch["image"], np.float32)
@@ -176,58 +150,109 @@ def train(
       )
     return jax.make_array_from_process_local_data(batch_sharding, images)
 
+  evaluate = _evaluator(
+    jax.jit(trainer.eval_step, out_shardings=replicated),
+    lambda: dataset(eval_split, 1).take(eval_batches), to_global, config, batch_size,
+    eval_split, device_mesh, rules,
+  )  # fmt: skip
+
+  hooks = loop.Hooks(
+    step=_gan_schedule_step(trainer, loss_weights, state_shardings, batch_sharding, replicated),
+    next_batch=lambda: to_global(next(resumed.iterator)),
+    loss_key="loss/total",
+    metric_prefix="",
+    evaluate=evaluate,
+    after_step=_dead_code_restarts(trainer, dead_code_restart_every, seed),
+  )
+  return loop.run(
+    hooks, resumed, schedule=schedule, mesh=device_mesh, rules=rules, model_dir=model_dir,
+    examples_per_step=batch_size,
+  )  # fmt: skip
+
+
+def _make_trainer(
+  config, loss_weights, optimizer, disc_optimizer, disc_channels, vgg_weights, freeze, num_steps
+) -> trainer_lib.Trainer:
+  """The trainer, with the perceptual loss's VGG16 when its weights file is given."""
+  perceptual = None
+  if vgg_weights and loss_weights.perceptual > 0:
+    perceptual = vgg.load_vgg16(vgg_weights)
+  elif loss_weights.perceptual > 0:
+    logging.info("Perceptual loss off: no VGG16 weights file given (train.vgg_weights).")
+  return trainer_lib.Trainer(
+    config,
+    loss_weights,
+    trainer_lib.freeze_groups(optim.adam(optimizer, num_steps), freeze),
+    optim.adam(disc_optimizer, num_steps),
+    disc_channels,
+    perceptual,
+  )
+
+
+def _gan_schedule_step(trainer, loss_weights, state_shardings, batch_sharding, replicated):
+  """(step, state, images) -> (state, metrics): the step without the GAN terms until
+  `adversarial_start_step`, then with them (two compiled programs)."""
+
+  def jit_step(with_gan: bool):
+    return jax.jit(
+      functools.partial(trainer.train_step, with_gan=with_gan),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    )
+
+  steps = {False: jit_step(False), True: jit_step(True)}
+
+  def step_fn(step: int, state, images):
+    with_gan = loss_weights.adversarial > 0 and step >= loss_weights.adversarial_start_step
+    return steps[with_gan](state, images)
+
+  return step_fn
+
+
+def _dead_code_restarts(trainer, every: int, seed: int):
+  """Every `every` steps (0: never), moves the codes unused since the last restart."""
+  restart = jax.jit(trainer.restart_dead_codes, donate_argnums=0)
+
+  def after_step(step: int, state, images, writer):
+    del writer  # Restarts log a line, not a metric.
+    if not (every and step % every == 0):
+      return state, False
+    state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
+    logging.info("Step %d: restarted %d dead codes.", step, int(restarted))
+    return state, False
+
+  return after_step
+
+
+def _evaluator(evaluate_batch, batches, to_global, config, batch_size, split, mesh, rules):
+  """Held-out PSNR, codebook usage and perplexity over full batches; writes the first
+  batch's inputs beside their reconstructions."""
+
   def evaluate(step: int, state, writer) -> dict[str, float]:
     psnrs, counts, shown = [], np.zeros(config.codebook_size, np.int64), None
-    for batch in dataset(eval_split, 1).take(eval_batches).as_numpy_iterator():
+    for batch in batches().as_numpy_iterator():
       if batch["image"].shape[0] * jax.process_count() != batch_size:
         continue  # A last, partial batch would need another compilation.
-      images = to_global(batch)
-      with partitioning.activate(device_mesh, rules):
-        psnr, batch_counts, reconstruction = evaluate_batch(state.params, images)
+      with partitioning.activate(mesh, rules):
+        psnr, batch_counts, reconstruction = evaluate_batch(state.params, to_global(batch))
       psnrs.append(float(psnr))
       counts += np.asarray(batch_counts)
       if shown is None:
         shown = _image_grid(np.asarray(batch["image"]), np.asarray(reconstruction))
     if not psnrs:
-      raise ConfigError(
-        f"The {eval_split!r} split has fewer than {batch_size} examples to evaluate."
-      )
+      raise ConfigError(f"The {split!r} split has fewer than {batch_size} examples to evaluate.")
     probs = counts / counts.sum()
-    result = {
+    writer.images(step, {"eval/input_vs_reconstruction": shown})
+    return {
       "eval/psnr": float(np.mean(psnrs)),
       "eval/codebook_usage": float(np.mean(counts > 0)),
       "eval/codebook_perplexity": float(
         np.exp(-np.sum(probs[probs > 0] * np.log(probs[probs > 0])))
       ),
     }
-    writer.images(step, {"eval/input_vs_reconstruction": shown})
-    return result
 
-  def train_step(step: int, state, images):
-    with_gan = loss_weights.adversarial > 0 and step >= loss_weights.adversarial_start_step
-    return steps[with_gan](state, images)
-
-  def restart_dead_codes(step: int, state, images, writer):
-    del writer  # Restarts log a line, not a metric.
-    if not (dead_code_restart_every and step % dead_code_restart_every == 0):
-      return state, False
-    state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
-    logging.info("Step %d: restarted %d dead codes.", step, int(restarted))
-    return state, False
-
-  hooks = loop.Hooks(
-    step=train_step,
-    next_batch=lambda: to_global(next(train_iterator)),
-    loss_key="loss/total",
-    metric_prefix="",
-    evaluate=evaluate,
-    after_step=restart_dead_codes,
-  )
-  return loop.run(
-    hooks, state=state, start=start, schedule=schedule, mesh=device_mesh, rules=rules,
-    checkpointer=checkpointer, iterator=train_iterator, model_dir=model_dir,
-    examples_per_step=batch_size, seconds_before=meta.get(loop.TRAIN_SECONDS, 0.0),
-  )  # fmt: skip
+  return evaluate
 
 
 def _load_start(init_from: str, config: TokenizerConfig, params, shardings):

@@ -93,7 +93,7 @@ def default_search_paths() -> list[str]:
   A checkout (or an editable install) keeps them in `gin/` beside `parti/`; an
   installed wheel ships them as package data in `parti/gin/`.
   """
-  package = pathlib.Path(__file__).resolve().parent
+  package = pathlib.Path(__file__).resolve().parents[1]  # parti/, above runtime/
   candidates = [package.parent / "gin", package / "gin"]
   return [str(path) for path in candidates if path.is_dir()]
 

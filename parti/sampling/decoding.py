@@ -170,81 +170,102 @@ def sample(
   params, config = unstack_layers(params, config)
   model = Parti(config)
   batch = encoder_input_tokens.shape[0]
-  keys = example_keys(rng, batch)
-  guided = not (isinstance(guidance_scale, int | float) and guidance_scale == 1.0)
-  scale = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
+  guidance = _Guidance(guidance_scale, batch)
   known = 0 if prefix is None else prefix.shape[1]
   if known >= config.image_length:
     raise ValueError(f"A prefix of {known} tokens leaves nothing of {config.image_length}.")
-
-  def doubled(x):
-    return jnp.concatenate([x, x]) if guided else x
-
-  null = jnp.arange(2 * batch) >= batch if guided else None
-  encoded, mask = model.apply(
-    {"params": params}, doubled(encoder_input_tokens), null=null, method=Parti.encode
-  )
-  first = jnp.full((batch, 1), config.bos_id, jnp.int32)
-  if prefix is not None:
-    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
-  logits, variables = model.apply(
-    {"params": params}, doubled(first), encoded, mask, use_cache=True, method=Parti.decode,
-    mutable=["cache"],
-  )  # fmt: skip
-
-  def guide(logits):
-    logits = logits.astype(jnp.float32)
-    if guided:
-      cond, uncond = logits[:batch], logits[batch:]
-      logits = uncond + scale.reshape(-1, *([1] * (logits.ndim - 1))) * (cond - uncond)
-    return logits
-
   # One uniform per example and position, drawn up front (see `invert_cdf`).
-  uniforms = jax.vmap(lambda key: jax.random.uniform(key, (config.image_length,)))(keys)
+  uniforms = jax.vmap(lambda key: jax.random.uniform(key, (config.image_length,)))(
+    example_keys(rng, batch)
+  )
 
   def choose(logits, position):
     if temperature == 0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits / temperature, top_k, top_p)
-    return invert_cdf(filtered, uniforms[:, position])
+    return invert_cdf(filter_logits(logits / temperature, top_k, top_p), uniforms[:, position])
 
-  def log_prob_of(logits, token):
-    return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
-
-  prefill = guide(logits)  # [B, known + 1, V]: the prefix's positions, then the next one.
-  prefix_log_probs = log_prob_of(prefill[:, :known], first[:, 1:])
+  encoded, mask = model.apply(
+    {"params": params}, guidance.doubled(encoder_input_tokens), null=guidance.null,
+    method=Parti.encode,
+  )  # fmt: skip
+  first = jnp.full((batch, 1), config.bos_id, jnp.int32)
+  if prefix is not None:
+    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
+  logits, variables = model.apply(
+    {"params": params}, guidance.doubled(first), encoded, mask, use_cache=True,
+    method=Parti.decode, mutable=["cache"],
+  )  # fmt: skip
+  prefill = guidance.guide(logits)  # [B, known + 1, V]: the prefix's positions, then the next.
 
   def step(carry, position):
     cache, logits = carry
     token = choose(logits, position)
-    log_prob = log_prob_of(logits, token)
     next_logits, updated = model.apply(
-      {"params": params, "cache": cache}, doubled(token)[:, None], None, mask, use_cache=True,
-      method=Parti.decode, mutable=["cache"],
+      {"params": params, "cache": cache}, guidance.doubled(token)[:, None], None, mask,
+      use_cache=True, method=Parti.decode, mutable=["cache"],
     )  # fmt: skip
-    return (updated["cache"], guide(next_logits[:, -1])), (token, log_prob)
+    return (updated["cache"], guidance.guide(next_logits[:, -1])), (token, _log_prob(logits, token))
 
-  # The last position is only chosen: feeding it would write past the cache. The
-  # steps run as a few scans, each over a stretch of positions and attending to a
-  # window of the self-attention cache that just covers them (see `cache_windows`).
-  cache, logits = variables["cache"], prefill[:, -1]
-  sampled, sampled_log_probs = [], []
-  for begin, end, window in cache_windows(known, config.image_length):
-    windowed = _resize_self_cache(cache, window)
-    (windowed, logits), (chunk, chunk_log_probs) = jax.lax.scan(
-      step, (windowed, logits), jnp.arange(begin, end)
-    )
-    cache = _resize_self_cache(windowed, config.image_length, like=cache)
-    sampled.append(chunk)
-    sampled_log_probs.append(chunk_log_probs)
-  last_logits = logits
-  sampled = jnp.concatenate(sampled) if sampled else jnp.zeros((0, batch), jnp.int32)
-  sampled_log_probs = (
-    jnp.concatenate(sampled_log_probs) if sampled_log_probs else jnp.zeros((0, batch))
+  sampled, sampled_log_probs, last_logits = _scan_in_windows(
+    step, variables["cache"], prefill[:, -1], known, config.image_length, batch
   )
   last = choose(last_logits, config.image_length - 1)
   tokens = jnp.concatenate([first[:, 1:], sampled.T, last[:, None]], axis=1)
   log_probs = jnp.concatenate(
-    [prefix_log_probs, sampled_log_probs.T, log_prob_of(last_logits, last)[:, None]], axis=1
+    [
+      _log_prob(prefill[:, :known], first[:, 1:]),
+      sampled_log_probs.T,
+      _log_prob(last_logits, last)[:, None],
+    ],
+    axis=1,
   )
   return tokens, log_probs
+
+
+class _Guidance:
+  """Classifier-free guidance: the conditional and null-condition streams run as one
+  doubled batch, and their logits combine as uncond + scale * (cond - uncond). A
+  float scale of exactly 1 skips the null stream."""
+
+  def __init__(self, scale: float | jax.Array, batch: int):
+    self.on = not (isinstance(scale, int | float) and scale == 1.0)
+    self.batch = batch
+    self.scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch,))
+    self.null = jnp.arange(2 * batch) >= batch if self.on else None
+
+  def doubled(self, x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, x]) if self.on else x
+
+  def guide(self, logits: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    if not self.on:
+      return logits
+    cond, uncond = logits[: self.batch], logits[self.batch :]
+    return uncond + self.scale.reshape(-1, *([1] * (logits.ndim - 1))) * (cond - uncond)
+
+
+def _log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
+  """log p(token) under softmax(logits), at every leading index."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
+
+
+def _scan_in_windows(step, cache, logits, known: int, length: int, batch: int):
+  """Runs `step` at positions known .. length - 2; returns (tokens [n, B], their log
+  probs [n, B], the logits of the last position).
+
+  The last position is only chosen: feeding it would write past the cache. The steps
+  run as a few scans, each over a stretch of positions and attending to a window of
+  the self-attention cache that just covers them (see `cache_windows`).
+  """
+  sampled, log_probs = [], []
+  for begin, end, window in cache_windows(known, length):
+    windowed = _resize_self_cache(cache, window)
+    (windowed, logits), (chunk, chunk_log_probs) = jax.lax.scan(
+      step, (windowed, logits), jnp.arange(begin, end)
+    )
+    cache = _resize_self_cache(windowed, length, like=cache)
+    sampled.append(chunk)
+    log_probs.append(chunk_log_probs)
+  if not sampled:
+    return jnp.zeros((0, batch), jnp.int32), jnp.zeros((0, batch)), logits
+  return jnp.concatenate(sampled), jnp.concatenate(log_probs), logits

@@ -9,6 +9,7 @@ checkpoint_io` loads the model they sample.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -110,9 +111,9 @@ def make_generator(
 ):
   """The jitted sampler and tokenizer decoder, shared by inference and evaluation.
 
-  Returns a function of (params, tokenizer params, and `host_inputs`' arrays) ->
-  this host's (images [prompts, samples, H, W, 3], scores [prompts, samples]) as
-  numpy. Guidance uses the run's scale (1.0 skips the unconditional stream) unless
+  Returns a `Generator`: a function of (params, tokenizer params, and `host_inputs`'
+  arrays) -> this host's (images [prompts, samples, H, W, 3], scores [prompts,
+  samples]) as numpy, which records when each call started and ended. Guidance uses the run's scale (1.0 skips the unconditional stream) unless
   `per_request_scales`, when each row's own scale is used."""
   from jax.experimental import multihost_utils
 
@@ -153,4 +154,31 @@ def make_generator(
     shape = (-1, options.samples)
     return images.reshape(*shape, *images.shape[1:]), np.asarray(scores).reshape(shape)
 
-  return run
+  return Generator(run)
+
+
+class Generator:
+  """A generating function that records the (start, end) of each call, so that a job
+  can say where its time went: the first call compiles, the rest sample."""
+
+  def __init__(self, generate):
+    self._generate = generate
+    self.calls: list[tuple[float, float]] = []
+
+  def __call__(self, *args):
+    start = time.perf_counter()
+    result = self._generate(*args)  # Returns numpy: the device work is done.
+    self.calls.append((start, time.perf_counter()))
+    return result
+
+  def timing(self, job_start: float, job_end: float) -> dict[str, float]:
+    """Where a job's seconds went: loading before the first call, that call (which
+    compiles), the sampler's calls after it, and the job's whole time after it."""
+    (first_start, first_end), rest = self.calls[0], self.calls[1:]
+    return {
+      "loading_seconds": first_start - job_start,
+      "first_call_seconds": first_end - first_start,
+      "sampler_seconds_after_first_call": sum(end - begin for begin, end in rest),
+      "seconds_after_first_call": job_end - first_end,
+      "calls": len(self.calls),
+    }

@@ -71,17 +71,35 @@ def start_mesh(
   return device_mesh, partitioning.rules_for(mesh)
 
 
+@dataclasses.dataclass
+class Resumed:
+  """Where a run starts: its state, step and checkpoint meta, the checkpointer that keeps
+  saving it, and the training data's iterator, positioned where the checkpoint left it."""
+
+  state: Any
+  start: int
+  meta: dict
+  checkpointer: checkpoints.Checkpointer
+  iterator: Any
+
+
 def resume(
   model_dir: pathlib.Path,
-  checkpointer: checkpoints.Checkpointer,
   state,
   state_shardings,
-  iterator,
+  train_data,
+  *,
+  keep: int,
+  save_every: int,
   save_config: Callable[[pathlib.Path], None],
-):
-  """(state, start step, checkpoint meta): the latest checkpoint restored, or a fresh
-  start whose config file `save_config` writes into `model_dir`. Writes the operative
-  gin config either way (chief host only)."""
+) -> Resumed:
+  """The latest checkpoint restored (with the input position of `train_data`, a
+  tf.data.Dataset), or a fresh start whose config file `save_config` writes into
+  `model_dir`. Writes the operative gin config either way (chief host only)."""
+  from parti.tasks import input_pipeline
+
+  iterator = input_pipeline.ResumableIterator(train_data)
+  checkpointer = checkpoints.Checkpointer(model_dir, keep=keep, save_every=save_every)
   state, start, meta = checkpoints.restore_train_state(
     checkpointer, state, state_shardings, iterator
   )
@@ -89,7 +107,7 @@ def resume(
     model_dir.mkdir(parents=True, exist_ok=True)
     save_config(model_dir)
   gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
-  return state, start, meta
+  return Resumed(state, start, meta, checkpointer, iterator)
 
 
 @dataclasses.dataclass
@@ -126,23 +144,23 @@ class Hooks:
 
 def run(
   hooks: Hooks,
+  resumed: Resumed,
   *,
-  state,
-  start: int,
   schedule: Schedule,
   mesh: jax.sharding.Mesh,
   rules,
-  checkpointer: checkpoints.Checkpointer,
-  iterator,
   model_dir: pathlib.Path,
   examples_per_step: int,
   unit: str = "images",
-  seconds_before: float = 0.0,
   also_close: Sequence[checkpoints.Checkpointer] = (),
 ) -> dict[str, float]:
-  """Trains from `start` to `schedule.num_steps`; returns the last logged or evaluated
-  scalars. Stops early, checkpointed, on SIGTERM. Raises FloatingPointError on a
-  non-finite loss, naming the last good checkpoint."""
+  """Trains from where `resumed` starts to `schedule.num_steps`; returns the last logged
+  or evaluated scalars. Stops early, checkpointed, on SIGTERM. Raises FloatingPointError
+  on a non-finite loss, naming the last good checkpoint."""
+  state, start, checkpointer, iterator = (
+    resumed.state, resumed.start, resumed.checkpointer, resumed.iterator
+  )  # fmt: skip
+  seconds_before = float(resumed.meta.get(TRAIN_SECONDS, 0.0))
   writer = metric_logging.MetricLogger(model_dir)
   progress = metric_logging.Progress(schedule.num_steps, start, unit=unit, every=schedule.log_every)
   preemption = checkpoints.Preemption()

@@ -1,8 +1,7 @@
 """`parti_shapes`: the procedural shapes dataset as a TFDS builder.
 
-    import tensorflow_datasets as tfds
-    from parti.tasks.shapes import builder  # registers parti_shapes
-    ds = tfds.load("parti_shapes/64", split="test", data_dir=...)
+Importing this module registers the builder with TFDS; then, for example,
+`tfds.load("parti_shapes/64", split="test", data_dir=...)` prepares and reads it.
 
 Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
 training examples; `64_10k` and `48_20k` (the demo's) are smaller cuts. A custom
