@@ -5,8 +5,9 @@
 
 OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
 
-  images/NNNNN_K.png    its K best samples of `samples` drawn, written atomically
-  images/NNNNN_prefix.png  for image completion, the given image's rows that were kept
+  images/NNNNN_DIGEST_K.png  its K best samples of `samples` drawn, written atomically
+                        (DIGEST: of the request, so no request writes over another's)
+  images/NNNNN_DIGEST_prefix.png  for image completion, the given image's rows kept
   manifest-HHHHH.jsonl  one line per finished prompt, per host: the prompt, its
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
@@ -36,6 +37,7 @@ task excepted).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -208,7 +210,7 @@ def prefix_tokens(
   """Image completion: prompt index -> the top `prefix_rows` rows of its image's codes.
 
   Each image is read, resized and center-cropped to the tokenizer's size, encoded,
-  and its kept rows written (over a faded rest) to images/NNNNN_prefix.png for the
+  and its kept rows written (over a faded rest) to images/NNNNN_DIGEST_prefix.png for the
   gallery. Every image is read before anything is generated, so a missing or
   unreadable one is refused up front, named, rather than hours into a run.
   """
@@ -245,18 +247,23 @@ def prefix_tokens(
   tokenizer = ImageTokenizer(tok_config, tok_params)  # On one of this host's devices.
   known = options.prefix_rows * tok_config.grid[1]
   kept_pixels = options.prefix_rows * tok_config.patch_size
-  prefixes = {}
+  prefixes, requests = {}, dict(todo)
   for index, image in images.items():
     prefixes[index] = tokenizer.encode(image[None])[0].reshape(-1)[:known]
     if jax.process_index() == 0:
       shown = image.astype(np.float32) / 255.0
       shown[kept_pixels:] = 0.75 + 0.25 * shown[kept_pixels:]  # The rows to generate, faded.
-      files.atomic_write_bytes(out / _prefix_name(index), images_io.png_bytes(shown))
+      name = f"{_file_stem(index, requests[index])}_prefix.png"
+      files.atomic_write_bytes(out / name, images_io.png_bytes(shown))
   return prefixes
 
 
-def _prefix_name(index: int) -> str:
-  return f"images/{index:05d}_prefix.png"
+def _file_stem(index: int, prompt: Prompt) -> str:
+  """images/NNNNN_DIGEST: the request's place in the list, for sorting, and a digest of
+  the request itself, so that a request never writes over another's files, even when
+  the list changes between runs into one folder."""
+  digest = hashlib.sha1(prompt.key.encode("utf-8")).hexdigest()[:10]
+  return f"images/{index:05d}_{digest}"
 
 
 def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, options, step):
@@ -269,7 +276,7 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
   best = np.argsort(-scores, kind="stable")[: options.keep]
   names = []
   for rank, sample in enumerate(best):
-    name = f"images/{index:05d}_{rank}.png"
+    name = f"{_file_stem(index, prompt)}_{rank}.png"
     files.atomic_write_bytes(out / name, images_io.png_bytes(images[sample]))
     names.append(name)
   return {
@@ -287,7 +294,7 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
       {
         "image": prompt.image,
         "prefix_rows": options.prefix_rows,
-        "prefix_file": _prefix_name(index),
+        "prefix_file": f"{_file_stem(index, prompt)}_prefix.png",
       }
       if prompt.image
       else {}

@@ -186,7 +186,7 @@ def train(
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
     save_every=checkpoint_every,
-    save_config=lambda folder: model.save(folder / checkpoint_io.CONFIG_FILE),
+    config=model, config_file=checkpoint_io.CONFIG_FILE,
   )  # fmt: skip
   if not resumed.start:
     resumed.state = _initial_state(

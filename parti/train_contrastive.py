@@ -95,7 +95,7 @@ def train_contrastive(
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
-    save_every=checkpoint_every, save_config=lambda folder: model.save(folder / CONFIG_FILE),
+    save_every=checkpoint_every, config=model, config_file=CONFIG_FILE,
   )  # fmt: skip
 
   shardings = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -527,3 +528,40 @@ def test_two_processes_of_four_devices_write_what_one_of_eight_does(
     for name in entry["files"] + [entry["prefix_file"]]:
       assert (two / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
   assert (two / infer.GALLERY).read_text().count('class="card"') == 5
+
+
+def test_a_prompt_inserted_above_finished_ones_never_overwrites_their_images(
+  tmp_path, parti_run, trained_tokenizer
+):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\ntwo blue squares\n")
+  run(tmp_path / "out", parti_run, trained_tokenizer, prompts)
+  before = {e["prompt"]: e for e in _manifest(tmp_path / "out")}
+  pixels = {p: (tmp_path / "out" / e["files"][0]).read_bytes() for p, e in before.items()}
+  prompts.write_text("three yellow stars\na red circle\ntwo blue squares\n")
+  added = run(tmp_path / "out", parti_run, trained_tokenizer, prompts)
+  assert [e["prompt"] for e in added] == ["three yellow stars"]
+  entries = _manifest(tmp_path / "out")
+  names = [name for e in entries for name in e["files"]]
+  assert len(entries) == 3 and len(set(names)) == 3  # One file per request, none shared.
+  assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
+  for prompt, data in pixels.items():
+    assert (tmp_path / "out" / before[prompt]["files"][0]).read_bytes() == data
+
+
+def test_reading_a_run_with_a_corrupt_latest_checkpoint_moves_nothing(tmp_path, caplog):
+  from parti.modeling import checkpoint_io
+
+  model_dir = pathlib.Path(_save_run(tmp_path / "run", tiny_run_config(), step=5))
+  _save_run(model_dir, tiny_run_config(), step=7)
+  for path in (model_dir / "checkpoints" / "7").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0 and "params" in str(path):
+      path.write_bytes(b"corrupt")
+  listing = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*"))
+  mesh = partitioning.create_mesh(MESH)
+  with caplog.at_level("WARNING"):
+    _, _, _, step = checkpoint_io.load_params(model_dir, mesh, partitioning.rules_for(MESH))
+  assert step == 5
+  assert "Using checkpoint 5" in caplog.text and "[7]" in caplog.text
+  assert max(len(line) for line in caplog.text.splitlines()) < 600  # No TensorStore dump.
+  assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")) == listing

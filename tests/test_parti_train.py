@@ -367,3 +367,16 @@ def test_adam_trains_small_runs_on_its_own_schedule(tmp_path, tokens_dir):
   assert rows[8]["eval/loss"] < rows[4]["eval/loss"]
   with pytest.raises(ConfigError, match="warmup_steps"):
     run(tmp_path / "bad", tokens_dir, optimizer=optim.AdamConfig(warmup_steps=8))
+
+
+def test_rerunning_a_run_with_another_model_config_is_refused_and_touches_nothing(
+  tmp_path, tokens_dir, uninterrupted
+):
+  import shutil
+
+  shutil.copytree(uninterrupted, tmp_path / "run")
+  model_dir = tmp_path / "run"
+  listing = {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")}
+  with pytest.raises(ConfigError, match=r"another config \(embed_dim: 32 there, 64 here\)"):
+    run(model_dir, tokens_dir, num_steps=12, model=tiny_run_config(embed_dim=64))
+  assert {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")} == listing

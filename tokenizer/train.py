@@ -135,7 +135,7 @@ def train(
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
-    save_every=checkpoint_every, save_config=lambda folder: config.save(folder / CONFIG_FILE),
+    save_every=checkpoint_every, config=config, config_file=CONFIG_FILE,
   )  # fmt: skip
 
   batch_sharding = partitioning.logical_sharding(device_mesh, ("batch", None, None, None), rules)

@@ -49,14 +49,22 @@ class Checkpointer:
     keep: int = 3,
     save_every: int = 1000,
     subdir: str = "checkpoints",
+    read_only: bool = False,
   ):
+    """`read_only`: for jobs that read another run (inference, evaluation): nothing in
+    the folder is created, moved, written or pruned; an unrestorable step is skipped
+    where it lies."""
     self.directory = pathlib.Path(model_dir).absolute() / subdir
     self.save_every = save_every
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=True,
+        # Read-only managers keep and save nothing (orbax warns about any other values).
+        max_to_keep=None if read_only else keep,
+        save_interval_steps=0 if read_only else 1,
+        create=not read_only,
+        read_only=read_only,
         enable_async_checkpointing=True,
         # Orbax names a barrier by its purpose alone ("...:set_value_start"), so two
         # managers finishing saves at once (a training job's latest and best
@@ -87,6 +95,8 @@ class Checkpointer:
     A step that already exists belongs to a timeline this run abandoned (it resumed
     from an earlier step): it is replaced.
     """
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only; nothing may be saved there.")
     if step in self._manager.all_steps():
       self._manager.wait_until_finished()
       self._manager.delete(step)
@@ -119,13 +129,22 @@ class Checkpointer:
       except Exception as error:  # Any failure: try the previous step.
         if step is not None:
           raise
+        # One line: orbax's and TensorStore's messages run to dozens of lines.
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         logging.warning(
           "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one.",
-          candidate, self.directory, type(error).__name__, error,
+          candidate, self.directory, type(error).__name__, first_line,
         )  # fmt: skip
+        logging.debug("Checkpoint %d: the whole error", candidate, exc_info=error)
         unusable.append(candidate)
         continue
-      self._set_aside(unusable)
+      if self.read_only and unusable:
+        logging.warning(
+          "Using checkpoint %d of %s: the later steps %s cannot be restored (left where "
+          "they are).", candidate, self.directory, sorted(unusable),
+        )  # fmt: skip
+      elif not self.read_only:
+        self._set_aside(unusable)
       items = {name: restored[name] for name in abstract_items}
       logging.info("Restored checkpoint %d from %s.", candidate, self.directory)
       return candidate, items, dict(restored["meta"])
@@ -156,7 +175,7 @@ class Checkpointer:
 
   def _prune_input_states(self) -> None:
     folder = self.directory / INPUT_STATE
-    if jax.process_index() != 0 or not folder.exists():
+    if jax.process_index() != 0 or not folder.exists() or self.read_only:
       return
     self._manager.wait_until_finished()  # Orbax prunes old steps once a save commits.
     kept = {str(s) for s in self._manager.all_steps()}
@@ -210,7 +229,7 @@ def restore_params(model_dir: str | pathlib.Path, abstract_params, step: int | N
   folder = pathlib.Path(model_dir) / "checkpoints"
   if not folder.is_dir():
     raise FileNotFoundError(f"{model_dir} has no checkpoints/ folder.")
-  checkpointer = Checkpointer(model_dir)
+  checkpointer = Checkpointer(model_dir, read_only=True)
   try:
     restored = checkpointer.restore({"params": abstract_params}, step=step)
   finally:

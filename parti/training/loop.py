@@ -91,13 +91,21 @@ def resume(
   *,
   keep: int,
   save_every: int,
-  save_config: Callable[[pathlib.Path], None],
+  config,
+  config_file: str,
 ) -> Resumed:
   """The latest checkpoint restored (with the input position of `train_data`, a
-  tf.data.Dataset), or a fresh start whose config file `save_config` writes into
-  `model_dir`. Writes the operative gin config either way (chief host only)."""
+  tf.data.Dataset), or a fresh start that saves `config` (a config dataclass with
+  `save` and `load`) as `model_dir/config_file`. Writes the operative gin config
+  either way (chief host only).
+
+  Raises:
+    ConfigError: `model_dir` holds a run of another config: its checkpoints would not
+      fit, so nothing there is read, moved or written.
+  """
   from parti.tasks import input_pipeline
 
+  check_same_config(model_dir / config_file, config)
   iterator = input_pipeline.ResumableIterator(train_data)
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep, save_every=save_every)
   state, start, meta = checkpoints.restore_train_state(
@@ -105,9 +113,29 @@ def resume(
   )
   if not start and jax.process_index() == 0:
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_config(model_dir)
+    config.save(model_dir / config_file)
   gin_utils.write_operative_config(model_dir if jax.process_index() == 0 else None)
   return Resumed(state, start, meta, checkpointer, iterator)
+
+
+def check_same_config(path: pathlib.Path, config) -> None:
+  """Refuses to train `config` in a folder whose saved config (at `path`) differs,
+  naming the fields: a rerun with another architecture must not take over a run."""
+  if not path.is_file():
+    return
+  saved = type(config).load(path)
+  if saved == config:
+    return
+  changed = [
+    f"{f.name}: {getattr(saved, f.name)!r} there, {getattr(config, f.name)!r} here"
+    for f in dataclasses.fields(config)
+    if getattr(saved, f.name) != getattr(config, f.name)
+  ]
+  raise ConfigError(
+    f"{path.parent} holds a run of another config ({'; '.join(changed)}). Its checkpoints "
+    "would not fit, so nothing there was touched: train into another MODEL_DIR (or start "
+    "from this run with init_from), or rerun with the saved config."
+  )
 
 
 @dataclasses.dataclass
