@@ -74,16 +74,22 @@ REPORT = "report.md"
 
 
 def _check_options(output_dir: pathlib.Path, record: dict) -> None:
+  """Refuses options other than those the folder's finished images were made with. A
+  folder without a finished image (a run that failed before its first) takes the new
+  options."""
   path = output_dir / OPTIONS_FILE
   if path.is_file():
     previous = json.loads(path.read_text())
-    if previous != record:
+    if previous == record:
+      return
+    if manifests.finished_prompts(output_dir):
       changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
       raise ConfigError(
         f"{output_dir} holds images made with other {changed} ({previous}); write to "
         "another OUTPUT_DIR, or delete it to start over."
       )
-  elif jax.process_index() == 0:
+    logging.info("%s holds no finished image yet: its options are replaced.", output_dir)
+  if jax.process_index() == 0:
     files.atomic_write_json(path, record)
 
 
@@ -103,6 +109,7 @@ def infer(
   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
   gallery_every: int = 10,
   reranker_dir: str | None = None,
+  image_root: str | None = None,
 ) -> list[dict]:
   """Generates images for every prompt; returns this run's manifest entries.
 
@@ -119,6 +126,8 @@ def infer(
     gallery_every: batches between rewrites of the gallery.
     reranker_dir: a `parti.train_contrastive` MODEL_DIR whose model ranks the samples
       (None: rank by log-likelihood).
+    image_root: a folder from which requests may also read images to complete
+      (default: only their request file's folder).
   """
   job_start = time.perf_counter()
   device_mesh = partitioning.create_mesh(mesh)
@@ -142,7 +151,7 @@ def infer(
     from parti.sampling.rerank import Reranker
 
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
-  all_prompts = read_prompts(prompts)
+  all_prompts = read_prompts(prompts, image_root)
   out = pathlib.Path(output_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
   record = {
@@ -238,7 +247,7 @@ def prefix_tokens(
   for index, prompt in todo:
     path = pathlib.Path(prompt.image)
     try:
-      image = records.decode_image(path.read_bytes())
+      image = records.decode_image(records.read_image_file(path))
       images[index] = records.resize_and_crop(image, tok_config.image_size)
     except (OSError, records.BadRecord) as error:
       bad.append(f"{path} ({prompt.source}): {error}")

@@ -202,7 +202,12 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-  """Fails early, and clearly, when the batch does not split over the mesh."""
+  """Fails early, and clearly, when the batch is not a positive integer or does not
+  split over the mesh."""
+  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int):
+    raise ConfigError(f"The batch size should be an integer, not {global_batch_size!r}.")
+  if global_batch_size < 1:
+    raise ConfigError(f"The batch size must be positive, not {global_batch_size}.")
   divisor = batch_divisor(mesh)
   if global_batch_size % divisor:
     raise ConfigError(

@@ -6,7 +6,7 @@ MODEL_DIR receives parti_config.json, checkpoints/ (the last `keep_checkpoints`)
 best/ (the lowest eval loss so far), metrics.jsonl and TensorBoard summaries, and
 the operative config.gin. A rerun resumes from the latest checkpoint that
 restores (model, optimizer, step, RNG and input position); SIGTERM saves one
-and exits; a NaN or Inf loss stops the job and leaves the last good checkpoint.
+and exits with status 75; a NaN or Inf loss stops the job and leaves the last good checkpoint.
 
 Data: a seqio task or mixture (`MIXTURE_OR_TASK_NAME`) yielding `inputs` (text)
 and either `targets` (pre-encoded image ids, see `parti.tokenizer.encode`) or

@@ -6,7 +6,7 @@
 The same machinery as `parti.train`: a seqio task of captions and raw images
 (the `parti_shapes_*` and `coco_captions_*` tasks, or your own registered with
 `parti.tasks.registry.register_image_text_task`), the device mesh and logical
-rules, orbax checkpoints that resume (input position included), SIGTERM saves.
+rules, orbax checkpoints that resume (input position included), SIGTERM saves and exits 75.
 MODEL_DIR receives contrastive_config.json (what `parti.sampling.rerank.Reranker` reads),
 checkpoints/, metrics.jsonl, TensorBoard summaries and config.gin. The periodic
 evaluation reports the held-out loss and in-batch retrieval accuracy.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import io
+import pathlib
 import re
 import threading
 import unicodedata
@@ -32,8 +33,16 @@ from absl import logging
 from PIL import Image, ImageOps
 
 _WHITESPACE = re.compile(r"\s+")
-# Refuse decompression bombs rather than let one record take the host's memory.
-_MAX_PIXELS = 100_000_000
+# The largest image decoded, in pixels (10,000 x 10,000): a bigger one (a
+# decompression bomb, say: a 20000 x 20000 PNG can be 50 KB) is a bad record, skipped
+# and named, rather than a job that takes the host's memory or dies. PIL refuses
+# beyond twice its own limit with an error of its own, also turned into a bad record.
+MAX_PIXELS = 100_000_000
+
+
+# The most bytes read from one image file named by a request (256 MiB): a device such
+# as /dev/zero must not be read without end.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
 
 
 class BadRecord(ValueError):
@@ -58,6 +67,22 @@ def clean_caption(caption: bytes | str, name: str = "") -> str:
   return caption
 
 
+def read_image_file(path: pathlib.Path, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+  """The bytes of an image file named by a user, read safely.
+
+  Raises:
+    BadRecord: not a regular file (a FIFO would block forever, a device never end),
+      or larger than `max_bytes`.
+  """
+  if not path.is_file():
+    raise BadRecord("not a regular file" if path.exists() else "no such file")
+  with open(path, "rb") as handle:
+    data = handle.read(max_bytes + 1)
+  if len(data) > max_bytes:
+    raise BadRecord(f"over the {max_bytes:,}-byte limit (parti.tasks.records.MAX_IMAGE_FILE_BYTES)")
+  return data
+
+
 def decode_image(data: bytes, min_side: int = 16) -> np.ndarray:
   """Decodes image bytes of any common format to uint8 RGB [height, width, 3].
 
@@ -66,19 +91,31 @@ def decode_image(data: bytes, min_side: int = 16) -> np.ndarray:
   """
   try:
     with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      # Our own limit decides (below); PIL's warning threshold is another number.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       image = Image.open(io.BytesIO(data))
-      if image.width * image.height > _MAX_PIXELS:
-        raise BadRecord(f"image of {image.width}x{image.height} pixels is too large")
+      if image.width * image.height > MAX_PIXELS:
+        raise BadRecord(_too_large(image.width, image.height))
       image.load()
       image = ImageOps.exif_transpose(image)
   except BadRecord:
     raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as error:
+  except Image.DecompressionBombError as error:  # Over twice PIL's own limit.
+    raise BadRecord(_too_large(detail=str(error))) from None
+  except (OSError, SyntaxError, ValueError) as error:
     raise BadRecord(f"unreadable image: {error}") from None
   if min(image.size) < min_side:
     raise BadRecord(f"image is {image.width}x{image.height}, under the {min_side}-pixel minimum")
   return to_rgb8(image)
+
+
+def _too_large(width: int = 0, height: int = 0, detail: str = "") -> str:
+  """The reason (one kind for the skip counter, before the colon) for a too-large image."""
+  size = f"{width}x{height} pixels" if width else detail
+  return (
+    f"image over the pixel limit: {size}; the limit is {MAX_PIXELS:,} pixels "
+    "(parti.tasks.records.MAX_PIXELS)"
+  )
 
 
 def to_rgb8(image: Image.Image) -> np.ndarray:

@@ -204,3 +204,19 @@ def tiny_run_config(**overrides) -> PartiConfig:
     mlp_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
   )  # fmt: skip
   return PartiConfig(**{**fields, **overrides})
+
+
+def decompression_bomb_png(side: int = 20_000) -> bytes:
+  """A 1-bit PNG of side x side black pixels: about 50 KB that would decode to
+  side**2 pixels (400 million by default), written row by row without decoding it."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  row = b"\0" * (1 + (side + 7) // 8)  # The filter byte, then the packed bits.
+  compressor = zlib.compressobj(9)
+  data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+  header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale.
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

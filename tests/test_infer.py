@@ -9,7 +9,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from helpers import as_gin, run_on_two_hosts, tiny_run_config
+from helpers import as_gin, decompression_bomb_png, run_on_two_hosts, tiny_run_config
 from PIL import Image
 
 from parti import infer, partitioning
@@ -468,16 +468,19 @@ def test_image_completion_continues_the_given_rows(
 
 def test_image_completion_refuses_what_it_cannot_complete(tmp_path, parti_run, trained_tokenizer):
   (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+  (tmp_path / "bomb.png").write_bytes(decompression_bomb_png())
   with_images = _requests(
     tmp_path / "images.jsonl",
     [
       {"prompt": "a red circle", "image": "broken.png"},
       {"prompt": "a blue square", "image": "gone.png"},
+      {"prompt": "a green star", "image": "bomb.png"},
     ],
   )
   complete = dataclasses.replace(OPTIONS, prefix_rows=1)
   with pytest.raises(
-    ConfigError, match=r"2 images to complete cannot be read: .*broken\.png.*gone"
+    ConfigError,
+    match=r"3 images to complete cannot be read: .*broken\.png.*gone.*bomb\.png .*pixel limit",
   ):
     run(tmp_path / "a", parti_run, trained_tokenizer, with_images, options=complete)
   with pytest.raises(ConfigError, match=r"names an image to complete, but .*prefix_rows is 0"):
@@ -565,3 +568,20 @@ def test_reading_a_run_with_a_corrupt_latest_checkpoint_moves_nothing(tmp_path, 
   assert "Using checkpoint 5" in caplog.text and "[7]" in caplog.text
   assert max(len(line) for line in caplog.text.splitlines()) < 600  # No TensorStore dump.
   assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")) == listing
+
+
+def test_a_run_that_failed_before_its_first_image_leaves_the_folder_usable(
+  tmp_path, parti_run, trained_tokenizer
+):
+  requests = _requests(tmp_path / "r.jsonl", [{"prompt": "a red circle", "image": "gone.png"}])
+  with pytest.raises(ConfigError, match="cannot be read"):
+    run(tmp_path / "out", parti_run, trained_tokenizer, requests,
+        options=dataclasses.replace(OPTIONS, prefix_rows=1))  # fmt: skip
+  plain = tmp_path / "plain.txt"
+  plain.write_text("a red circle\n")
+  [entry] = run(tmp_path / "out", parti_run, trained_tokenizer, plain,
+                options=dataclasses.replace(OPTIONS, seed=5))  # fmt: skip
+  assert (tmp_path / "out" / entry["files"][0]).is_file()
+  assert json.loads((tmp_path / "out" / infer.OPTIONS_FILE).read_text())["seed"] == 5
+  with pytest.raises(ConfigError, match=r"other \['seed'\]"):  # Now it holds an image.
+    run(tmp_path / "out", parti_run, trained_tokenizer, plain, options=OPTIONS)

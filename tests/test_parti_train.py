@@ -22,7 +22,7 @@ from parti import partitioning
 from parti.modeling.config import PartiConfig
 from parti.modeling.model import embeddings_from_codebook
 from parti.runtime import gin_utils, metric_logging
-from parti.runtime.errors import ConfigError
+from parti.runtime.errors import ConfigError, Preempted
 from parti.tokenizer import checkpoint_io
 from parti.training import checkpoints, optim
 from parti.training import trainer as trainer_lib
@@ -136,7 +136,8 @@ def test_preempted_and_resumed_run_matches_the_uninterrupted_one(
     return original_next(self)
 
   monkeypatch.setattr(input_pipeline.ResumableIterator, "__next__", next_then_preempt)
-  run(tmp_path, tokens_dir)
+  with pytest.raises(Preempted, match="at step 3"):
+    run(tmp_path, tokens_dir)
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == [3], "SIGTERM saves the step it interrupted, then exits"
   monkeypatch.setattr(input_pipeline.ResumableIterator, "__next__", original_next)

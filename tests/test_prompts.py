@@ -62,3 +62,28 @@ def test_a_request_file_of_blank_prompts_has_no_prompts(tmp_path):
   path = _write(tmp_path / "requests.jsonl", ['{"prompt": ""}', "", '{"prompt": " "}'])
   with pytest.raises(ConfigError, match="has no prompts"):
     read_prompts(path)
+
+
+def test_request_images_must_lie_under_the_request_folder_or_the_allowed_root(tmp_path):
+  import json
+  import os
+
+  requests = tmp_path / "requests" / "r.jsonl"
+  requests.parent.mkdir()
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  (elsewhere / "photo.png").write_bytes(b"png")
+  os.symlink(elsewhere / "photo.png", requests.parent / "link.png")
+  for image in ["../elsewhere/photo.png", str(elsewhere / "photo.png"), "link.png", "/dev/zero"]:
+    requests.write_text(json.dumps({"prompt": "a red circle", "image": image}) + "\n")
+    with pytest.raises(ConfigError, match="lies outside"):
+      read_prompts(str(requests))
+  requests.write_text(json.dumps({"prompt": "a red circle", "image": "link.png"}) + "\n")
+  [prompt] = read_prompts(str(requests), image_root=str(elsewhere))
+  assert prompt.image == str((elsewhere / "photo.png").resolve())
+
+
+def test_a_line_of_control_characters_is_blank_and_they_are_removed_from_prompts(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_bytes(b"\x00\na red\x00 circle\n\x07\x1b\n")
+  assert [p.text for p in read_prompts(str(path))] == ["a red circle"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import pathlib
 
 import numpy as np
 import pytest
+from helpers import decompression_bomb_png
 from PIL import Image
 
 from parti.tasks import records
@@ -64,8 +66,10 @@ def test_palette_image_becomes_rgb():
     (b"", "unreadable image"),
     (_encode(Image.new("RGB", (64, 64)))[:60], "unreadable image"),  # Truncated PNG.
     (_encode(Image.new("RGB", (8, 40))), "under the 16-pixel minimum"),
+    (decompression_bomb_png(), r"over the pixel limit: .*100,000,000 pixels"),
+    (decompression_bomb_png(11_000), r"over the pixel limit: 11000x11000 pixels"),
   ],
-  ids=["garbage", "empty", "truncated", "tiny"],
+  ids=["garbage", "empty", "truncated", "tiny", "bomb", "over_limit"],
 )
 def test_bad_images_are_rejected_with_a_reason(data, reason):
   with pytest.raises(records.BadRecord, match=reason):
@@ -111,3 +115,20 @@ def test_skip_counter_names_records():
   report = counter.report()
   assert "3 x unreadable image (e.g. a.png, b.png)" in report
   assert "c.png" not in report
+
+
+def test_image_files_named_by_users_are_read_only_if_regular_and_not_too_big(tmp_path):
+  import os
+
+  fifo = tmp_path / "pipe.png"
+  os.mkfifo(fifo)  # Opening it to read would block until a writer came.
+  with pytest.raises(records.BadRecord, match="not a regular file"):
+    records.read_image_file(fifo)
+  with pytest.raises(records.BadRecord, match="not a regular file"):
+    records.read_image_file(pathlib.Path("/dev/zero"))
+  with pytest.raises(records.BadRecord, match="no such file"):
+    records.read_image_file(tmp_path / "gone.png")
+  (tmp_path / "big.png").write_bytes(b"x" * 101)
+  with pytest.raises(records.BadRecord, match="over the 100-byte limit"):
+    records.read_image_file(tmp_path / "big.png", max_bytes=100)
+  assert records.read_image_file(tmp_path / "big.png", max_bytes=101) == b"x" * 101

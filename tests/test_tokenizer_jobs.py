@@ -10,7 +10,7 @@ import pytest
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from helpers import tiny_tokenizer_config
+from helpers import decompression_bomb_png, tiny_tokenizer_config
 
 from parti.runtime import metric_logging
 from parti.runtime.errors import ConfigError
@@ -281,13 +281,17 @@ def test_encode_skips_and_counts_corrupt_records(trained_tokenizer, tmp_path):
     Image.new("RGB", (48, 40), (i * 60, 0, 0)).save(folder / f"{i}.png")  # Resized and cropped.
     (folder / f"{i}.txt").write_text(f"image {i}")
   (folder / "2.png").write_bytes(b"corrupt")
+  (folder / "bomb.png").write_bytes(decompression_bomb_png())
+  (folder / "bomb.txt").write_text("a decompression bomb")
   registry.register_image_text_task(
     "test_encode_folder", sources.folder_source(str(folder)), image_size=32
   )
   before = records.SKIPPED.counts().get("unreadable image", 0)
+  bombs = records.SKIPPED.counts().get("image over the pixel limit", 0)
   written = _encode(trained_tokenizer, "test_encode_folder", tmp_path / "out", splits=("train",))
   assert written == {"train": 3}
   assert records.SKIPPED.counts()["unreadable image"] == before + 1
+  assert records.SKIPPED.counts()["image over the pixel limit"] == bombs + 1
   assert sorted(r["caption"].decode() for r in _read(tmp_path / "out", "train")) == [
     "image 0",
     "image 1",

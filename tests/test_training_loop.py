@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from parti import partitioning
 from parti.runtime import metric_logging
-from parti.runtime.errors import ConfigError
+from parti.runtime.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted
 from parti.training import checkpoints, loop
 
 
@@ -125,7 +126,44 @@ def test_sigterm_saves_the_step_it_interrupted_and_stops(tmp_path):
     return state, False
 
   resumed, hooks = _toy(tmp_path, [1.0] * 10, after_step=preempt)
-  _run(tmp_path, resumed, hooks, num_steps=10)
+  with pytest.raises(Preempted, match="at step 3"):
+    _run(tmp_path, resumed, hooks, num_steps=10)
   saved = checkpoints.Checkpointer(tmp_path, keep=5, save_every=2)
   assert saved.steps() == [2, 3]
   saved.close()
+
+
+def test_a_resumed_run_drops_the_metric_rows_of_the_steps_it_runs_again(tmp_path):
+  rows = [{"step": s, "train/loss": 1.0} for s in range(1, 6)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn")
+  resumed, hooks = _toy(tmp_path, [9.0] * 10)
+  resumed.start = 3  # Killed after logging step 5; its last checkpoint was step 3.
+  _run(tmp_path, resumed, hooks, num_steps=6)
+  steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if line.startswith("{\"")]  # fmt: skip
+  assert steps == [1, 2, 3, 4, 5, 6]  # Steps 4 and 5 once each, from the resumed run.
+  assert metric_logging.read_metrics(tmp_path)[4]["train/loss"] == 9.0
+
+
+def test_a_preempted_job_exits_with_its_own_status_and_a_bad_config_says_so_once(tmp_path):
+  import subprocess
+  import sys
+
+  script = tmp_path / "job.py"
+  script.write_text(
+    "import sys\n"
+    "from parti.runtime import gin_utils\n"
+    "from parti.runtime.errors import ConfigError, Preempted\n"
+    "mode = sys.argv.pop() if len(sys.argv) > 1 else ''\n"
+    "def job():\n"
+    "  if mode == 'bad':\n"
+    "    raise ConfigError('batch_size 0 is not positive.')\n"
+    "  raise Preempted(7, '/runs/x/checkpoints')\n"
+    "gin_utils.run(job)\n"
+  )
+  preempted = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+  assert preempted.returncode == PREEMPTED_EXIT_CODE == 75
+  assert "Stopped at step 7 after SIGTERM" in preempted.stderr
+  bad = subprocess.run([sys.executable, str(script), "bad"], capture_output=True, text=True)
+  assert bad.returncode == 2
+  assert bad.stderr.count("batch_size 0 is not positive") == 1

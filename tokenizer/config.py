@@ -11,6 +11,7 @@ import json
 import pathlib
 
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TokenizerConfig:
   dtype: str = "bfloat16"
 
   def __post_init__(self):
+    check_types(self)
     for field in ("encoder", "decoder"):
       if getattr(self, field) not in VIT_SIZES:
         raise ConfigError(

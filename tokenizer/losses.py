@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from parti.runtime.validation import check_types
+
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
@@ -38,6 +40,7 @@ class LossWeights:
   r1_gamma: float = 10.0
 
   def __post_init__(self):
+    check_types(self)
     if self.gan_loss not in ("non_saturating", "hinge"):
       raise ValueError(f"gan_loss must be 'non_saturating' or 'hinge', not {self.gan_loss!r}.")
 

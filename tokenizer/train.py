@@ -6,7 +6,7 @@ MODEL_DIR receives tokenizer_config.json (what `ImageTokenizer.from_checkpoint`
 reads), checkpoints/, metrics.jsonl and TensorBoard summaries (losses, PSNR,
 codebook usage and perplexity), images/ (inputs beside reconstructions) and the
 operative config.gin. A rerun resumes from the latest checkpoint; SIGTERM saves
-one and exits. Stage two (Parti) starts from a trained tokenizer with
+one and exits with status 75. Stage two (Parti) starts from a trained tokenizer with
 `init_from` and `freeze=("encoder", "quantizer")` and trains a larger decoder.
 """
 

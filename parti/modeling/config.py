@@ -12,6 +12,7 @@ import json
 import pathlib
 
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 
 NORMS = ("layernorm", "rmsnorm")
 TEXT_POSITIONS = ("relative", "learned")
@@ -75,7 +76,9 @@ class PartiConfig:
   null_condition: str = "empty"
 
   def __post_init__(self):
-    object.__setattr__(self, "image_grid", tuple(self.image_grid))
+    if isinstance(self.image_grid, list):  # From JSON.
+      object.__setattr__(self, "image_grid", tuple(self.image_grid))
+    check_types(self)
     choices = {
       "norm": NORMS,
       "text_positions": TEXT_POSITIONS,

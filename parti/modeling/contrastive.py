@@ -28,6 +28,7 @@ from flax import linen as nn
 from parti.modeling import layers
 from parti.modeling.layers import l2_normalize, patchify
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 
 CONFIG_FILE = "contrastive_config.json"
 _EMBED_INIT = nn.initializers.normal(0.02)
@@ -68,6 +69,7 @@ class ContrastiveConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    check_types(self)
     positive = (
       "text_vocab_size", "text_length", "image_size", "patch_size", "width", "mlp_dim",
       "num_heads", "text_layers", "image_layers", "embed_dim",

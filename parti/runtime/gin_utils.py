@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from parti import partitioning
 from parti.modeling.config import PartiConfig
 from parti.runtime import files, multihost
-from parti.runtime.errors import ConfigError
+from parti.runtime.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted
 from parti.training import optim
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -183,7 +183,9 @@ def run(job: Callable[[], object]) -> None:
   """Parses flags and gin, then calls `job()`; the `__main__` of every job module.
 
   A bad configuration (a `ConfigError`, raised while parsing or by the job at
-  start-up) exits with its message and status 2, without a traceback.
+  start-up) exits with its message and status 2, without a traceback. A training job
+  stopped by SIGTERM, its checkpoint saved, exits with status 75
+  (`errors.PREEMPTED_EXIT_CODE`): rerun it to resume.
   """
 
   def main(argv: Sequence[str]) -> None:
@@ -195,8 +197,10 @@ def run(job: Callable[[], object]) -> None:
       logging.info("Gin config:\n%s", gin.config_str())
       job()
     except ConfigError as error:
-      logging.error("%s", error)
-      print(f"error: {error}", file=sys.stderr)
+      print(f"error: {error}", file=sys.stderr)  # Once: not also through logging.
       sys.exit(2)
+    except Preempted as error:
+      print(f"preempted: {error}", file=sys.stderr)
+      sys.exit(PREEMPTED_EXIT_CODE)
 
   app.run(main, argv=rewrite_gin_args(sys.argv))

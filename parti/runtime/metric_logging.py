@@ -24,18 +24,34 @@ from parti.runtime import images as images_io
 class MetricLogger:
   """Writes scalars and images; only process 0 writes files."""
 
-  def __init__(self, model_dir: str | pathlib.Path):
+  def __init__(self, model_dir: str | pathlib.Path, resumed_at: int | None = None):
+    """`resumed_at`: the step a run resumes from; rows logged after it (by the run
+    that was killed before its next checkpoint) are dropped, as those steps run again."""
     self.directory = pathlib.Path(model_dir)
     self._chief = jax.process_index() == 0
     self._writer = None
     if self._chief:
       self.directory.mkdir(parents=True, exist_ok=True)
+      if resumed_at is not None:
+        self._drop_rows_after(resumed_at)
       try:
         from clu import metric_writers
       except ImportError:
         logging.info("TensorBoard summaries off (clu needs TensorFlow); writing metrics.jsonl.")
       else:
         self._writer = metric_writers.create_default_writer(str(self.directory), asynchronous=True)
+
+  def _drop_rows_after(self, step: int) -> None:
+    path = self.directory / "metrics.jsonl"
+    if not path.is_file():
+      return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if _step_of(line) is None or _step_of(line) <= step]
+    if len(kept) != len(lines):
+      files.atomic_write_text(path, "".join(line + "\n" for line in kept))
+      logging.info(
+        "Dropped %d metric rows after step %d, which runs again.", len(lines) - len(kept), step
+      )
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     values = {k: float(v) for k, v in values.items()}
@@ -59,6 +75,14 @@ class MetricLogger:
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line, or None for a torn one (kept as it is)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def read_metrics(model_dir: str | pathlib.Path) -> dict[int, dict[str, float]]:

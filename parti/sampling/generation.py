@@ -19,6 +19,7 @@ import numpy as np
 
 from parti import partitioning
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 from parti.sampling import decoding
 from parti.sampling.prompts import Prompt
 
@@ -50,6 +51,7 @@ class SamplingOptions:
   prefix_rows: int = 0
 
   def __post_init__(self):
+    check_types(self)
     if not 1 <= self.keep <= self.samples:
       raise ConfigError(f"Keep 1 to `samples` ({self.samples}) images per prompt, not {self.keep}.")
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.prefix_rows < 0:

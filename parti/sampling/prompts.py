@@ -30,6 +30,7 @@ import importlib.resources
 import json
 import math
 import pathlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,8 +73,12 @@ def shapes_vocabulary_path() -> pathlib.Path:
   )
 
 
-def read_prompts(source: str) -> list[Prompt]:
-  """Prompts from a .txt or .tsv file, or `task:NAME[:SPLIT]`, cleaned and deduplicated."""
+def read_prompts(source: str, image_root: str | None = None) -> list[Prompt]:
+  """Prompts from a .txt or .tsv file, or `task:NAME[:SPLIT]`, cleaned and deduplicated.
+
+  A .jsonl request's `image` must lie under the request file's folder, or under
+  `image_root` when given (symbolic links are followed before the check).
+  """
   if source.startswith(TASK_PREFIX):
     prompts = _task_prompts(source[len(TASK_PREFIX) :])
   else:
@@ -81,7 +86,7 @@ def read_prompts(source: str) -> list[Prompt]:
     if not path.is_file():
       raise ConfigError(f"Prompts file {source} not found.")
     if path.suffix.lower() == ".jsonl":
-      prompts = _request_file_prompts(path)
+      prompts = _request_file_prompts(path, image_root)
     elif path.suffix.lower() == ".tsv":
       from parti.tasks import parti_prompts
 
@@ -97,15 +102,20 @@ def read_prompts(source: str) -> list[Prompt]:
   return unique
 
 
+# Control characters other than tab: a line of a NUL byte alone is blank, not a prompt.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _lines(path: pathlib.Path) -> list[str]:
-  """The file's lines, with bytes that are not UTF-8 replaced (and a warning)."""
+  """The file's lines, with bytes that are not UTF-8 replaced (and a warning) and
+  control characters removed."""
   raw = path.read_bytes()
   try:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError:
     text = raw.decode("utf-8-sig", errors="replace")
     logging.warning("%s is not valid UTF-8; undecodable bytes were replaced (U+FFFD).", path)
-  return text.splitlines()
+  return [_CONTROL.sub("", line) for line in text.splitlines()]
 
 
 def _text_file_prompts(path: pathlib.Path) -> list[Prompt]:
@@ -135,8 +145,9 @@ def _is_a(value, kind: type) -> bool:
   return isinstance(value, (int, float) if kind is float else kind)
 
 
-def _request_file_prompts(path: pathlib.Path) -> list[Prompt]:
+def _request_file_prompts(path: pathlib.Path, image_root: str | None = None) -> list[Prompt]:
   """Requests from JSON Lines; see the module docstring for the fields."""
+  roots = [path.parent.resolve()] + ([pathlib.Path(image_root).resolve()] if image_root else [])
   prompts = []
   for number, line in enumerate(_lines(path), start=1):
     where = f"{path}:{number}"
@@ -167,6 +178,8 @@ def _request_file_prompts(path: pathlib.Path) -> list[Prompt]:
       logging.warning("%s: blank prompt skipped.", where)
       continue
     image = request.get("image")
+    if image:
+      image = _image_under(roots, path.parent / image, where)
     prompts.append(
       Prompt(
         text,
@@ -175,10 +188,22 @@ def _request_file_prompts(path: pathlib.Path) -> list[Prompt]:
         source=where,
         seed=seed,
         guidance_scale=None if scale is None else float(scale),
-        image=str(path.parent / image) if image else "",
+        image=image or "",
       )
     )
   return prompts
+
+
+def _image_under(roots: list[pathlib.Path], image: pathlib.Path, where: str) -> str:
+  """`image`, resolved, if it lies under one of `roots`; a request must not read (and
+  copy into the output) files from anywhere else."""
+  resolved = image.resolve()
+  if not any(resolved.is_relative_to(root) for root in roots):
+    raise ConfigError(
+      f"{where}: image {str(image)!r} lies outside {[str(r) for r in roots]}; requests read "
+      "images under their file's folder, or under infer.image_root when it is set."
+    )
+  return str(resolved)
 
 
 def _task_prompts(spec: str) -> list[Prompt]:

@@ -33,7 +33,8 @@ from absl import logging
 
 from parti import partitioning
 from parti.runtime import gin_utils, metric_logging
-from parti.runtime.errors import ConfigError
+from parti.runtime.errors import ConfigError, Preempted
+from parti.runtime.validation import check_types
 from parti.training import checkpoints
 
 # The meta key of the loop's wall time, summed over resumes.
@@ -50,6 +51,7 @@ class Schedule:
   checkpoint_every: int
 
   def __post_init__(self):
+    check_types(self)
     bad = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) < 1]
     if bad:
       raise ConfigError(
@@ -183,13 +185,17 @@ def run(
   also_close: Sequence[checkpoints.Checkpointer] = (),
 ) -> dict[str, float]:
   """Trains from where `resumed` starts to `schedule.num_steps`; returns the last logged
-  or evaluated scalars. Stops early, checkpointed, on SIGTERM. Raises FloatingPointError
-  on a non-finite loss, naming the last good checkpoint."""
+  or evaluated scalars.
+
+  Raises:
+    Preempted: SIGTERM arrived; the step it interrupted was checkpointed.
+    FloatingPointError: a non-finite loss, naming the last good checkpoint.
+  """
   state, start, checkpointer, iterator = (
     resumed.state, resumed.start, resumed.checkpointer, resumed.iterator
   )  # fmt: skip
   seconds_before = float(resumed.meta.get(TRAIN_SECONDS, 0.0))
-  writer = metric_logging.MetricLogger(model_dir)
+  writer = metric_logging.MetricLogger(model_dir, resumed_at=start)
   progress = metric_logging.Progress(schedule.num_steps, start, unit=unit, every=schedule.log_every)
   preemption = checkpoints.Preemption()
   result: dict[str, float] = {}
@@ -240,8 +246,7 @@ def run(
           }
           checkpoints.save_train_state(checkpointer, step, state, meta, iterator)
         if preemption.requested:
-          logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
-          break
+          raise Preempted(step, checkpointer.directory)
         if paused and timer is not None:
           jax.block_until_ready(state)
           timer, timed_steps = time.perf_counter(), 0

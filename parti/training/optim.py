@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,9 @@ class AdamConfig:
   b1: float = 0.9
   b2: float = 0.99
   clip_norm: float | None = None
+
+  def __post_init__(self):
+    check_types(self)
 
 
 def warmup_cosine(config: AdamConfig, total_steps: int) -> optax.Schedule:
@@ -108,6 +112,7 @@ class AdafactorConfig:
   multiply_by_parameter_scale: bool = False
 
   def __post_init__(self):
+    check_types(self)
     if not 0 <= self.warmup_steps <= self.decay_start <= self.decay_end:
       raise ConfigError(
         "AdafactorConfig needs 0 <= warmup_steps <= decay_start <= decay_end, got "

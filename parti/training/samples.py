@@ -25,6 +25,7 @@ from parti.evaluation import contact_sheet
 from parti.modeling.config import PartiConfig
 from parti.runtime import images as images_io
 from parti.runtime.errors import ConfigError
+from parti.runtime.validation import check_types
 from parti.sampling import decoding
 
 
@@ -49,6 +50,7 @@ class SampleConfig:
   seed: int = 0
 
   def __post_init__(self):
+    check_types(self)
     if self.every < 0 or self.count < 1:
       raise ConfigError(f"SampleConfig needs every >= 0 and count >= 1, got {self}.")
     if self.temperature < 0 or self.top_k < 0:
