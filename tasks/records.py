@@ -160,11 +160,14 @@ def resize_and_crop(
 class SkipCounter:
   """Counts skipped records by reason and remembers the first few names of each.
 
-  Thread-safe: tf.data calls the decoders from several threads.
+  A record is counted once per reason however often it is read: a job that reads a
+  source again (the encode job re-reads it for each shard) must not count its bad
+  records again. Thread-safe: tf.data calls the decoders from several threads.
   """
 
   def __init__(self, examples_per_reason: int = 5):
     self._lock = threading.Lock()
+    self._seen: set[tuple[str, str]] = set()
     self._counts: collections.Counter[str] = collections.Counter()
     self._examples: dict[str, list[str]] = collections.defaultdict(list)
     self._keep = examples_per_reason
@@ -173,6 +176,9 @@ class SkipCounter:
     """Records that record `name` was skipped, and logs the first few of each reason."""
     kind = reason.split(":")[0]
     with self._lock:
+      if (kind, name) in self._seen:
+        return
+      self._seen.add((kind, name))
       self._counts[kind] += 1
       count = self._counts[kind]
       if len(self._examples[kind]) < self._keep:

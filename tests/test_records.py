@@ -110,6 +110,7 @@ def test_skip_counter_names_records():
   for name in ("a.png", "b.png", "c.png"):
     counter.skip(name, "unreadable image: broken")
   counter.skip("d.png", "empty caption")
+  counter.skip("a.png", "unreadable image: broken")  # Read again: counted once.
   assert counter.counts() == {"unreadable image": 3, "empty caption": 1}
   assert counter.total == 4
   report = counter.report()

@@ -283,15 +283,18 @@ def test_encode_skips_and_counts_corrupt_records(trained_tokenizer, tmp_path):
   (folder / "2.png").write_bytes(b"corrupt")
   (folder / "bomb.png").write_bytes(decompression_bomb_png())
   (folder / "bomb.txt").write_text("a decompression bomb")
+  Image.new("RGB", (48, 40)).save(folder / "0_uncaptioned.png")  # Read again for each shard.
   registry.register_image_text_task(
     "test_encode_folder", sources.folder_source(str(folder)), image_size=32
   )
   before = records.SKIPPED.counts().get("unreadable image", 0)
   bombs = records.SKIPPED.counts().get("image over the pixel limit", 0)
+  uncaptioned = records.SKIPPED.counts().get("no caption", 0)
   written = _encode(trained_tokenizer, "test_encode_folder", tmp_path / "out", splits=("train",))
   assert written == {"train": 3}
   assert records.SKIPPED.counts()["unreadable image"] == before + 1
   assert records.SKIPPED.counts()["image over the pixel limit"] == bombs + 1
+  assert records.SKIPPED.counts()["no caption"] == uncaptioned + 1  # Once, not once a shard.
   assert sorted(r["caption"].decode() for r in _read(tmp_path / "out", "train")) == [
     "image 0",
     "image 1",
