@@ -141,3 +141,45 @@ def test_params_are_float32_under_bfloat16(model_and_params):
   assert {x.dtype for x in jax.tree_util.tree_leaves(nn.meta.unbox(variables["params"]))} == {
     jnp.dtype("float32")
   }
+
+
+# --- t5x's calling conventions, reproduced without t5x ---------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_sampling_takes_t5xs_raw_uint32_keys(model_and_params, batch_size):
+  model, variables, batch = model_and_params
+  small = {k: v[:batch_size] for k, v in batch.items()}
+  raw = jax.random.PRNGKey(5)  # uint32 [2], as t5x's eval and infer pass it.
+  assert raw.dtype == jnp.uint32 and raw.shape == (2,)
+  tokens, _ = jax.jit(
+    lambda p, b, rng: model.predict_batch_with_aux(p, b, rng, decoder_params={"top_k": 4})
+  )(variables["params"], small, raw)
+  typed, _ = jax.jit(
+    lambda p, b, rng: model.predict_batch_with_aux(p, b, rng, decoder_params={"top_k": 4})
+  )(variables["params"], small, jax.random.wrap_key_data(raw))
+  assert tokens.shape == (batch_size, CONFIG.image_length)
+  np.testing.assert_array_equal(tokens, typed)  # The same key, raw or typed.
+  with pytest.raises(ValueError, match="raw uint32 key data"):
+    decoding.example_keys(jnp.zeros((3,), jnp.float32), 3)
+
+
+def test_weights_restored_in_bfloat16_score_and_evaluate(model_and_params):
+  model, variables, batch = model_and_params
+  half = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), variables["params"])
+  scores = jax.jit(model.score_batch)(half, batch)
+  full = jax.jit(model.score_batch)(variables["params"], batch)
+  np.testing.assert_allclose(scores, full, rtol=0.05)
+  loss, _ = jax.jit(model.eval_fn)(half, batch)
+  assert np.isfinite(float(loss))
+
+
+def test_constructed_as_t5x_constructs_its_models():
+  optimizer_def = object()  # t5x's OptimizerDef; the model only keeps it.
+  model = PartiT5xModel(CONFIG, optimizer_def=optimizer_def, input_vocabulary="text vocab")
+  assert model.optimizer_def is optimizer_def
+  assert model.input_vocabulary == "text vocab"
+  from parti.tasks import vocabularies
+
+  assert model.output_vocabulary == vocabularies.ImageVocabulary(CONFIG.image_vocab_size)
+  assert PartiT5xModel(CONFIG).input_vocabulary == vocabularies.text_vocabulary()

@@ -228,6 +228,9 @@ class TextEncoder(nn.Module):
     embed = nn.Embed(
       padded_vocab(cfg.text_vocab_size),
       cfg.embed_dim,
+      # float32 whatever the weights' dtype (t5x restores them in bfloat16 for
+      # inference): the scanned layers' carry must keep one dtype.
+      dtype=jnp.float32,
       embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
       name="token_embedding",
     )
@@ -275,6 +278,7 @@ class ImageDecoder(nn.Module):
     embed = nn.Embed(
       padded_vocab(cfg.image_vocab_size + 1),  # + BOS
       cfg.embed_dim,
+      dtype=jnp.float32,  # As the text's: float32 whatever the weights' dtype.
       embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
       name="token_embedding",
     )

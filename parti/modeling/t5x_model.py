@@ -8,13 +8,20 @@ A user with t5x installed from source binds it in a t5x gin file:
 
     MODEL = @t5x_model.PartiT5xModel()
     t5x_model.PartiT5xModel.config = @parti_config.PartiConfig()
+    t5x_model.PartiT5xModel.optimizer_def = %OPTIMIZER  # t5x's own optimizer
+
+`optimizer_def`, `input_vocabulary` and `output_vocabulary` are the constructor
+arguments of t5x's models: t5x builds its train state from `model.optimizer_def` and
+checks the task's vocabularies against the model's. Packing is not supported (Parti's
+examples are one caption and one whole image each): set `train/utils.DatasetConfig.pack
+= False` in the t5x gin file.
 
 The method signatures are those of `t5x.models.BaseModel` (loss_fn, eval_fn,
 score_batch, predict_batch, predict_batch_with_aux, get_initial_variables); the
 batch features are seqio.EncDecFeatureConverter's names; and the initial
 variables carry a `params_axes` collection (flax's `AxisMetadata`, `<name>_axes`
-leaves), which is where t5x's partitioner reads logical axis names. The
-optimizer stays t5x's: this class only defines the model.
+leaves), which is where t5x's partitioner reads logical axis names. Sampling takes
+t5x's raw uint32 keys as well as typed ones.
 """
 
 from __future__ import annotations
@@ -68,15 +75,39 @@ class PartiT5xModel:
   def __init__(
     self,
     config: PartiConfig,
+    optimizer_def: Any = None,
+    input_vocabulary: Any = None,
+    output_vocabulary: Any = None,
     label_smoothing: float = 0.0,
     z_loss: float = 1e-4,
     decode_options: Mapping[str, Any] | None = None,
   ):
     self.config = config
+    self.optimizer_def = optimizer_def
+    self._input_vocabulary = input_vocabulary
+    self._output_vocabulary = output_vocabulary
     self.module = Parti(config)
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
     self.decode_options = dict(decode_options or {})
+
+  @property
+  def input_vocabulary(self):
+    """The text's seqio vocabulary (default: the shapes SentencePiece model; imports TF)."""
+    if self._input_vocabulary is None:
+      from parti.tasks import vocabularies
+
+      self._input_vocabulary = vocabularies.text_vocabulary()
+    return self._input_vocabulary
+
+  @property
+  def output_vocabulary(self):
+    """The image tokens' vocabulary, as the pre-encoded tasks declare it (imports TF)."""
+    if self._output_vocabulary is None:
+      from parti.tasks import vocabularies
+
+      self._output_vocabulary = vocabularies.ImageVocabulary(self.config.image_vocab_size)
+    return self._output_vocabulary
 
   @property
   def FEATURE_CONVERTER_CLS(self):
