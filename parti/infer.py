@@ -73,7 +73,7 @@ REPORT = "report.md"
 # --- Outputs --------------------------------------------------------------------------------------
 
 
-def _check_options(output_dir: pathlib.Path, record: dict) -> None:
+def _check_options(output_dir: pathlib.Path, record: dict, has_images: bool) -> None:
   """Refuses options other than those the folder's finished images were made with. A
   folder without a finished image (a run that failed before its first) takes the new
   options."""
@@ -82,7 +82,7 @@ def _check_options(output_dir: pathlib.Path, record: dict) -> None:
     previous = json.loads(path.read_text())
     if previous == record:
       return
-    if manifests.finished_prompts(output_dir):
+    if has_images:
       changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
       raise ConfigError(
         f"{output_dir} holds images made with other {changed} ({previous}); write to "
@@ -163,10 +163,10 @@ def infer(
     "reranker": str(pathlib.Path(reranker_dir).absolute()) if reranker else None,
     "reranker_step": reranker.step if reranker else None,
   }
-  _check_options(out, record)
+  done = manifests.finished_prompts(out)
+  _check_options(out, record, has_images=bool(done))
   gin_utils.write_operative_config(out if jax.process_index() == 0 else None)
 
-  done = manifests.finished_prompts(out)
   todo = [(i, p) for i, p in enumerate(all_prompts) if p.key not in done]
   logging.info(
     "%d prompts: %d already done in %s, %d to generate.",

@@ -206,6 +206,7 @@ def tiny_run_config(**overrides) -> PartiConfig:
   return PartiConfig(**{**fields, **overrides})
 
 
+@functools.cache
 def decompression_bomb_png(side: int = 20_000) -> bytes:
   """A 1-bit PNG of side x side black pixels: about 50 KB that would decode to
   side**2 pixels (400 million by default), written row by row without decoding it."""

@@ -30,6 +30,19 @@ _EMBED_INIT = nn.initializers.normal(stddev=1.0)
 _VOCAB_PAD = 128
 
 
+def _token_embedding(vocab_size: int, embed_dim: int) -> nn.Embed:
+  """A tower's token embedding (called inside its compact `__call__`). It computes in
+  float32 whatever the weights' dtype (t5x restores them in bfloat16 for inference):
+  the scanned layers' carry must keep one dtype."""
+  return nn.Embed(
+    padded_vocab(vocab_size),
+    embed_dim,
+    dtype=jnp.float32,
+    embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
+    name="token_embedding",
+  )
+
+
 def padded_vocab(size: int) -> int:
   return -(-size // _VOCAB_PAD) * _VOCAB_PAD
 
@@ -225,15 +238,7 @@ class TextEncoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, deterministic: bool = True):
     cfg = self.config
-    embed = nn.Embed(
-      padded_vocab(cfg.text_vocab_size),
-      cfg.embed_dim,
-      # float32 whatever the weights' dtype (t5x restores them in bfloat16 for
-      # inference): the scanned layers' carry must keep one dtype.
-      dtype=jnp.float32,
-      embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
-      name="token_embedding",
-    )
+    embed = _token_embedding(cfg.text_vocab_size, cfg.embed_dim)
     x = embed(tokens)
     length = tokens.shape[1]
     bias = None
@@ -275,13 +280,7 @@ class ImageDecoder(nn.Module):
   ) -> jax.Array:
     cfg = self.config
     rows, cols = cfg.image_grid
-    embed = nn.Embed(
-      padded_vocab(cfg.image_vocab_size + 1),  # + BOS
-      cfg.embed_dim,
-      dtype=jnp.float32,  # As the text's: float32 whatever the weights' dtype.
-      embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
-      name="token_embedding",
-    )
+    embed = _token_embedding(cfg.image_vocab_size + 1, cfg.embed_dim)  # + BOS
     length = tokens.shape[1]
     positions = jnp.arange(length)
     if decode:

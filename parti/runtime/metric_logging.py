@@ -46,7 +46,7 @@ class MetricLogger:
     if not path.is_file():
       return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if _step_of(line) is None or _step_of(line) <= step]
+    kept = [line for line in lines if (_step_of(line) or 0) <= step]
     if len(kept) != len(lines):
       files.atomic_write_text(path, "".join(line + "\n" for line in kept))
       logging.info(
@@ -78,7 +78,7 @@ class MetricLogger:
 
 
 def _step_of(line: str) -> int | None:
-  """The step of a metrics.jsonl line, or None for a torn one (kept as it is)."""
+  """The step of a metrics.jsonl line, or None for a torn one (which is kept)."""
   try:
     return int(json.loads(line)["step"])
   except (ValueError, KeyError, TypeError):

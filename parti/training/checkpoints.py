@@ -175,7 +175,7 @@ class Checkpointer:
 
   def _prune_input_states(self) -> None:
     folder = self.directory / INPUT_STATE
-    if jax.process_index() != 0 or not folder.exists() or self.read_only:
+    if jax.process_index() != 0 or not folder.exists():
       return
     self._manager.wait_until_finished()  # Orbax prunes old steps once a save commits.
     kept = {str(s) for s in self._manager.all_steps()}
