@@ -64,6 +64,8 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("kv", None),
     ("vocab", None),
     ("layers", None),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
   ),
   # Parti 3B: in-layer model parallelism over heads and the MLP hidden dimension.
   "model_parallel": (
@@ -75,6 +77,8 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("kv", None),
     ("vocab", "model"),
     ("layers", None),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
   ),
   # FSDP: as model_parallel, plus each parameter's embed dimension split over
   # `fsdp`, gathered just in time for its matmul by GSPMD.
@@ -87,6 +91,8 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("kv", None),
     ("vocab", "model"),
     ("layers", None),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
   ),
   # GSPMD's "2d sharding": weights split on both dimensions, activations on the
   # embed dimension too, so no device holds a full activation or weight.
@@ -99,6 +105,8 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("kv", None),
     ("vocab", "fsdp"),
     ("layers", None),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
   ),
 }
 

@@ -146,22 +146,104 @@ def test_params_are_float32_under_bfloat16(model_and_params):
 # --- t5x's calling conventions, reproduced without t5x ---------------------------------------
 
 
-@pytest.mark.parametrize("batch_size", [2, 3])
-def test_sampling_takes_t5xs_raw_uint32_keys(model_and_params, batch_size):
+# A batch of 2 under threefry (or of 4 under rbg) once passed by accident: the key's
+# shape matched a batch of keys.
+@pytest.mark.parametrize(("impl", "batch_size"), [("threefry2x32", 2), ("unsafe_rbg", 3)])
+def test_sampling_takes_t5xs_raw_uint32_keys(model_and_params, batch_size, impl):
+  # t5x passes jax.random.PRNGKey's raw uint32 data: shape (2,) under threefry, (4,)
+  # under the hardware RNG t5x.train switches to when no seed is given.
   model, variables, batch = model_and_params
   small = {k: v[:batch_size] for k, v in batch.items()}
-  raw = jax.random.PRNGKey(5)  # uint32 [2], as t5x's eval and infer pass it.
-  assert raw.dtype == jnp.uint32 and raw.shape == (2,)
-  tokens, _ = jax.jit(
+  predict = jax.jit(
     lambda p, b, rng: model.predict_batch_with_aux(p, b, rng, decoder_params={"top_k": 4})
-  )(variables["params"], small, raw)
-  typed, _ = jax.jit(
-    lambda p, b, rng: model.predict_batch_with_aux(p, b, rng, decoder_params={"top_k": 4})
-  )(variables["params"], small, jax.random.wrap_key_data(raw))
+  )
+  with jax.default_prng_impl(impl):
+    raw = jax.random.PRNGKey(5)
+    assert raw.dtype == jnp.uint32 and raw.ndim == 1
+    tokens, _ = predict(variables["params"], small, raw)
+    typed, _ = predict(variables["params"], small, jax.random.wrap_key_data(raw))
   assert tokens.shape == (batch_size, CONFIG.image_length)
   np.testing.assert_array_equal(tokens, typed)  # The same key, raw or typed.
   with pytest.raises(ValueError, match="raw uint32 key data"):
     decoding.example_keys(jnp.zeros((3,), jnp.float32), 3)
+  with pytest.raises(ValueError, match="trailing shape"):
+    decoding.example_keys(jnp.zeros((3,), jnp.uint32), 3)
+
+
+def test_decoding_called_as_t5x_eval_and_infer_call_it(model_and_params):
+  """t5x's utils.get_infer_fn, as t5x.infer and the inference evaluator use it.
+
+  It passes `rng` only to infer steps with a parameter of that name, splits one raw
+  PRNGKey per batch, and calls the step under jit with the key replicated.
+  """
+  import inspect
+
+  model, variables, batch = model_and_params
+  for step in (model.predict_batch, model.predict_batch_with_aux):
+    assert "rng" in inspect.signature(step).parameters
+  assert "rng" not in inspect.signature(model.score_batch).parameters
+  with jax.default_prng_impl("unsafe_rbg"):  # t5x.train's RNG when no seed is set.
+    rng = jax.random.PRNGKey(0)  # t5x's eval: rng=jax.random.PRNGKey(0)
+    infer_step = jax.jit(lambda p, b, r: model.predict_batch_with_aux(p, b, r))
+    outputs = []
+    for _ in range(2):  # Two batches, each with its own step key, as t5x's loop.
+      step_rng, rng = jax.random.split(rng)
+      outputs.append(infer_step(variables["params"], batch, step_rng))
+    scores = jax.jit(model.score_batch)(variables["params"], batch)
+  (first, aux), (second, _) = outputs
+  assert first.shape == (4, CONFIG.image_length) and aux["scores"].shape == (4,)
+  assert not np.array_equal(first, second)  # Each batch draws with its own key.
+  assert scores.shape == (4,) and np.isfinite(scores).all()
+
+
+def test_all_decodes_come_sorted_best_last_as_in_t5x(model_and_params):
+  model, variables, batch = model_and_params
+  tokens, aux = jax.jit(
+    lambda p, b: model.predict_batch_with_aux(
+      p, b, jax.random.key(3), num_decodes=4, return_all_decodes=True
+    )
+  )(variables["params"], batch)
+  scores = np.asarray(aux["scores"])
+  assert (np.diff(scores, axis=1) >= 0).all()
+  assert len(np.unique(scores)) > 4  # Real, different samples were sorted.
+  # Each decode's score is its own log-likelihood (teacher-forced, unguided here).
+  config = CONFIG
+  flat = tokens.reshape(-1, config.image_length)
+  text = jnp.repeat(batch["encoder_input_tokens"], 4, axis=0)
+  decoder_input = jnp.concatenate([jnp.full((16, 1), config.bos_id), flat[:, :-1]], axis=1)
+  logits = forward(config, variables["params"], text, decoder_input)
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits), flat[..., None], -1).sum((1, 2))
+  np.testing.assert_allclose(scores.reshape(-1), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_unknown_decoder_params_are_refused(model_and_params):
+  model, variables, batch = model_and_params
+  with pytest.raises(ValueError, match="Unknown decoder_params \\['beam_size'\\]"):
+    model.predict_batch_with_aux(variables["params"], batch, decoder_params={"beam_size": 4})
+  with pytest.raises(ValueError, match="num_decodes"):
+    model.predict_batch_with_aux(variables["params"], batch, num_decodes=0)
+  with pytest.raises(ValueError, match="Unknown decode_options"):
+    PartiT5xModel(CONFIG, decode_options={"temprature": 1.0})
+
+
+# The logical axis names t5x's Adafactor factors by (t5x.adafactor.
+# standard_logical_factor_rules): it needs a rule for every parameter axis.
+T5X_FACTOR_RULE_NAMES = {
+  "vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets", "layers", "stack",
+  "q_wi_fused", "o_wo_fused", "multiquery_heads", "kv_fused", "layer_norm_scale",
+  "mlp_activations",
+}  # fmt: skip
+
+
+def test_every_parameter_axis_has_a_t5x_adafactor_factor_rule(model_and_params):
+  _, variables, _ = model_and_params
+  names = set()
+  for axes in jax.tree_util.tree_leaves(
+    variables["params_axes"], is_leaf=lambda x: hasattr(x, "names")
+  ):
+    names.update(axes.names)
+  # abspos_buckets is the one name t5x_model.adafactor_factor_rules adds.
+  assert names <= T5X_FACTOR_RULE_NAMES | {"abspos_buckets"}, names
 
 
 def test_weights_restored_in_bfloat16_score_and_evaluate(model_and_params):

@@ -137,7 +137,7 @@ class RelativePositionBias(nn.Module):
     )
     table = self.param(
       "rel_embedding",
-      nn.with_logical_partitioning(nn.initializers.normal(0.1), ("heads", None)),
+      nn.with_logical_partitioning(nn.initializers.normal(0.1), ("heads", "relpos_buckets")),
       (self.num_heads, self.num_buckets),
       jnp.float32,
     )
@@ -294,13 +294,13 @@ class ImageDecoder(nn.Module):
     # asks for there) very late.
     row_embedding = self.param(
       "row_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")),
+      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
       (rows, cfg.embed_dim),
       jnp.float32,
     )
     col_embedding = self.param(
       "col_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")),
+      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
       (cols, cfg.embed_dim),
       jnp.float32,
     )

@@ -1,14 +1,14 @@
 """Parti behind t5x's `BaseModel` interface, without depending on t5x.
 
-A user with t5x installed from source binds it in a t5x gin file:
-
-    from __gin__ import dynamic_registration
-    from parti.modeling import t5x_model
-    from parti.modeling import config as parti_config
+With t5x installed from source, t5x's own jobs (t5x.train, t5x.eval, t5x.infer in
+predict and score modes) run it from gin/t5x/'s files; docs/t5x.md has the install,
+the commands, the t5x commit they were checked against and what they gave. In a t5x
+gin file:
 
     MODEL = @t5x_model.PartiT5xModel()
     t5x_model.PartiT5xModel.config = @parti_config.PartiConfig()
     t5x_model.PartiT5xModel.optimizer_def = %OPTIMIZER  # t5x's own optimizer
+    adafactor.Adafactor.logical_factor_rules = @t5x_model.adafactor_factor_rules()
 
 `optimizer_def`, `input_vocabulary` and `output_vocabulary` are the constructor
 arguments of t5x's models: t5x builds its train state from `model.optimizer_def` and
@@ -21,7 +21,7 @@ score_batch, predict_batch, predict_batch_with_aux, get_initial_variables); the
 batch features are seqio.EncDecFeatureConverter's names; and the initial
 variables carry a `params_axes` collection (flax's `AxisMetadata`, `<name>_axes`
 leaves), which is where t5x's partitioner reads logical axis names. Sampling takes
-t5x's raw uint32 keys as well as typed ones.
+t5x's raw uint32 keys (threefry's or the hardware RNG's) as well as typed ones.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ from parti.training import losses
 
 Batch = Mapping[str, jax.Array]
 
+# The sampler options `decoder_params` and `decode_options` may set.
+DECODER_PARAMS = ("temperature", "top_k", "top_p", "guidance_scale")
+
 
 def params_axes(boxed_params) -> dict[str, Any]:
   """t5x's `params_axes` collection: for each parameter `p`, `p_axes` = AxisMetadata(names)."""
@@ -61,6 +64,21 @@ def params_axes(boxed_params) -> dict[str, Any]:
   return convert(flax.core.unfreeze(boxed_params))
 
 
+def adafactor_factor_rules():
+  """t5x's Adafactor factor rules, plus the one logical axis of ours they lack.
+
+  t5x's `standard_logical_factor_rules` has no entry for `abspos_buckets` (the grid
+  position embeddings' first axis), and t5x's Adafactor needs one for every axis
+  name. Bind it in gin: `adafactor.Adafactor.logical_factor_rules =
+  @t5x_model.adafactor_factor_rules()`. Imports t5x, so only call it under t5x.
+  """
+  from t5x import adafactor  # Here: t5x is there only when t5x runs us.
+
+  rules = flax.core.unfreeze(adafactor.standard_logical_factor_rules())
+  rules["abspos_buckets"] = adafactor.FactorDim.NONE
+  return flax.core.freeze(rules)
+
+
 class PartiT5xModel:
   """The t5x `BaseModel` methods over `parti.modeling.model.Parti`.
 
@@ -68,8 +86,8 @@ class PartiT5xModel:
     config: the architecture.
     label_smoothing: as t5x's `loss_fn`.
     z_loss: weight of log(Z)^2.
-    decode_options: defaults for `predict_batch_with_aux` (temperature, top_k,
-      top_p, guidance_scale); `decoder_params` overrides them per call, as in t5x.
+    decode_options: defaults for `predict_batch_with_aux` (any of DECODER_PARAMS);
+      `decoder_params` overrides them per call, as in t5x.
   """
 
   def __init__(
@@ -90,6 +108,11 @@ class PartiT5xModel:
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
     self.decode_options = dict(decode_options or {})
+    unknown = set(self.decode_options) - set(DECODER_PARAMS)
+    if unknown:
+      raise ValueError(
+        f"Unknown decode_options {sorted(unknown)}; Parti's sampler takes {DECODER_PARAMS}."
+      )
 
   @property
   def input_vocabulary(self):
@@ -200,15 +223,28 @@ class PartiT5xModel:
     num_decodes: int = 1,
     prompt_with_targets: bool = False,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Samples image tokens for each text: ([B, N] or [B, num_decodes, N], {"scores"}).
+    """Samples image tokens for each text, as t5x's EncoderDecoderModel returns them.
 
-    `decoder_params` may set temperature, top_k, top_p and guidance_scale. Without
-    `return_all_decodes`, the decode with the highest model log-likelihood is kept.
+    `num_decodes` independent samples per text are drawn (t5x's temperature-sampling
+    meaning; there is no beam search) and sorted by their log-likelihood under the
+    guided model, best last. With `return_all_decodes`: tokens [B, num_decodes, N] and
+    {"scores": [B, num_decodes]}; without: the best, [B, N] and {"scores": [B]}.
+    `decoder_params` may set DECODER_PARAMS (temperature, top_k, top_p,
+    guidance_scale), over the model's `decode_options`. Deviations from t5x: no
+    `prompt_with_targets` (an image is decoded whole; prefixes are the infer job's),
+    and `rng` may be omitted (key 0).
     """
     if prompt_with_targets:
       raise NotImplementedError(
         "Parti decodes whole images; prompting with targets is not supported."
       )
+    unknown = set(decoder_params or {}) - set(DECODER_PARAMS)
+    if unknown:
+      raise ValueError(
+        f"Unknown decoder_params {sorted(unknown)}; Parti's sampler takes {DECODER_PARAMS}."
+      )
+    if num_decodes < 1:
+      raise ValueError(f"num_decodes must be at least 1, got {num_decodes}.")
     options = {"temperature": 1.0, **self.decode_options, **(decoder_params or {})}
     rng = jax.random.key(0) if rng is None else rng
     text = batch["encoder_input_tokens"]
@@ -217,8 +253,9 @@ class PartiT5xModel:
     tokens, log_probs = decoding.sample(self.config, params, repeated, rng, **options)
     tokens = tokens.reshape(batch_size, num_decodes, -1)
     scores = jnp.sum(log_probs, axis=-1).reshape(batch_size, num_decodes)
+    order = jnp.argsort(scores, axis=1)  # Ascending, as t5x's decoders return them.
+    tokens = jnp.take_along_axis(tokens, order[:, :, None], axis=1)
+    scores = jnp.take_along_axis(scores, order, axis=1)
     if return_all_decodes:
       return tokens, {"scores": scores}
-    best = jnp.argmax(scores, axis=1)
-    pick = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0]
-    return pick, {"scores": jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]}
+    return tokens[:, -1], {"scores": scores[:, -1]}

@@ -127,12 +127,17 @@ def _resize_self_cache(cache, length: int, like=None):
 def example_keys(rng: jax.Array, batch: int) -> jax.Array:
   """One key per example: `rng` if it already is a batch of keys, else split from it.
 
-  Raw uint32 keys (`jax.random.PRNGKey`'s, which t5x passes: shape (2,), or (batch, 2))
-  are read as keys, not as a batch of numbers.
+  Raw uint32 keys (`jax.random.PRNGKey`'s, which t5x passes) are read as keys of the
+  default PRNG implementation, not as a batch of numbers: shape (2,) or (batch, 2)
+  for threefry, (4,) or (batch, 4) under t5x's hardware RNG (`unsafe_rbg`).
   """
   if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    if rng.dtype != jnp.uint32 or rng.shape[-1:] != (2,):
-      raise ValueError(f"Expected a key or raw uint32 key data, got {rng.dtype}{rng.shape}.")
+    raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    if rng.dtype != jnp.uint32 or rng.shape[-1:] != raw_shape:
+      raise ValueError(
+        f"Expected a key or raw uint32 key data of trailing shape {raw_shape} (the default "
+        f"PRNG implementation's), got {rng.dtype}{rng.shape}."
+      )
     rng = jax.random.wrap_key_data(rng)
   if rng.ndim == 0:
     return jax.random.split(rng, batch)
