@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: demo demo-long device-check test test-fast lint format bench clean
+.PHONY: demo demo-long device-check test test-fast lint format bench bench-peer clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ bench: $(STAMP)
 	  echo "== bench/infer_parti_prompts.py"; \
 	  $(BIN)/python bench/infer_parti_prompts.py --prompts=$(PARTI_PROMPTS); \
 	else echo "== bench/infer_parti_prompts.py skipped: pass PARTI_PROMPTS=path/to/PartiPrompts.tsv"; fi
+
+## bench-peer: the training and sampling benches with parti-pytorch measured beside
+## ours in the same run (installs the `peer` extra: torch, about 5.5 GB).
+bench-peer: $(STAMP)
+	$(BIN)/pip install -q -e '.[peer]'
+	$(BIN)/python bench/parti_train_throughput.py
+	$(BIN)/python bench/sampling_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -79,6 +79,11 @@ _INSTALL_REQUIRES = [
 _EXTRAS_REQUIRE = {
   # scipy: the tests check parti.evaluation.fid against its matrix square root.
   "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "scipy>=1.17.1", "setuptools>=69", "wheel"],
+  # The peer the speed benches measure beside us in the same run (bench/peer.py):
+  # parti-pytorch imports torchvision, and these two are the pair that import together
+  # from the package index (about 5.5 GB with torch's CUDA libraries; the benches use
+  # its CPU path).
+  "peer": ["parti-pytorch==0.2.0", "torch==2.14.1", "torchvision==0.29.1"],
 }
 
 setuptools.setup(

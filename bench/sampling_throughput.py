@@ -14,9 +14,11 @@ re-running the whole prefix at every step costs about 16x.
 Configs (256 / 1024 tokens):
   tiny     gin/models/parti_tiny.gin's shape (2 + 4 layers, width 128, 512 codes)
   small    4 + 8 layers, width 512, 8 heads, MLP 2048, 8192 codes
-  matched  parti-pytorch 0.2.0's sampling benchmark: width 256, 4 decoder layers,
-           4 heads of 64, 512 codes, batch 4, 256 tokens (it has no KV cache and
-           runs guidance as two passes: ~39 image tokens/s on this machine class)
+  matched  parti-pytorch 0.2.0's decoder (bench/peer.py): width 256, 4 decoder layers,
+           4 heads of 64, 512 codes, batch 4, 256 tokens; 1 text-encoder layer over a
+           128-piece vocabulary where the peer reads T5 embeddings. When the peer is
+           installed (pip install -e .[peer]) it samples the same batch just after
+           ours: it has no KV cache and runs guidance as two passes.
   350m     the paper's 350M, for accelerators
 """
 
@@ -28,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peer
 from absl import app, flags
 from flax import linen as nn
 
@@ -45,8 +48,8 @@ _REPEATS = flags.DEFINE_integer(
   "until 5 s are timed).",
 )
 
-PARTI_PYTORCH_TOKENS_PER_SECOND = 39.0
 MIN_SECONDS = 5.0
+GUIDANCE_SCALE = 1.2  # Not 1, so that both streams run (ours: one doubled batch).
 
 BASE = dict(text_vocab_size=16384, text_length=32, cfg_dropout_rate=0.1)
 CONFIGS = {
@@ -59,8 +62,8 @@ CONFIGS = {
     mlp_dim=2048, num_heads=8,
   ),
   "matched": dict(
-    image_vocab_size=512, num_encoder_layers=2, num_decoder_layers=4, embed_dim=256,
-    mlp_dim=1024, num_heads=4,
+    text_vocab_size=128, image_vocab_size=512, num_encoder_layers=1, num_decoder_layers=4,
+    embed_dim=256, mlp_dim=1024, num_heads=4,
   ),
   "350m": dict(text_length=128),
 }  # fmt: skip
@@ -85,7 +88,9 @@ def measure(name: str, grid: tuple[int, int], batch: int) -> float:
     np.random.default_rng(0).integers(2, config.text_vocab_size, (batch, config.text_length)),
     jnp.int32,
   )
-  sample = jax.jit(functools.partial(decoding.sample, config, top_k=64, guidance_scale=1.2))
+  sample = jax.jit(
+    functools.partial(decoding.sample, config, top_k=64, guidance_scale=GUIDANCE_SCALE)
+  )
   jax.block_until_ready(sample(params, text, jax.random.key(0)))
   # Short calls are repeated until MIN_SECONDS have been timed: on a shared machine
   # one call of half a second moves by 10% from run to run.
@@ -119,8 +124,25 @@ def main(argv):
         flush=True,
       )
       if name == "matched":
-        ratio = batch * tokens / seconds / PARTI_PYTORCH_TOKENS_PER_SECOND
-        print(f"  matched vs parti-pytorch 0.2.0 (39 tokens/s here): {ratio:.0f}x")
+        _print_peer(batch * tokens / seconds, batch)
+
+
+def _print_peer(ours_tokens_per_s: float, batch: int) -> None:
+  """The peer samples the matched batch just after ours; prints its rate and the ratio."""
+  if not peer.available():
+    print(f"  ({peer.PEER} is not installed, so no ratio: pip install -e .[peer])")
+    return
+  shape = peer.PeerShape()
+  seconds = peer.generate_seconds(shape, batch, cond_scale=GUIDANCE_SCALE)
+  theirs = batch * shape.image_length / seconds
+  print(
+    f"| {peer.PEER}, matched | {batch} | {shape.image_length} | {seconds:.2f} s | "
+    f"{theirs:.1f} | {seconds / batch:.3f} | |",
+    flush=True,
+  )
+  print(
+    f"  matched, same run: ours / {peer.PEER} = {ours_tokens_per_s / theirs:.0f}x image tokens/s"
+  )
 
 
 if __name__ == "__main__":
