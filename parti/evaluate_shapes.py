@@ -56,6 +56,7 @@ def evaluate_shapes(
   reranker_dir: str | None = None,
   learning_curve_examples: int = 0,
   learning_curve_scale: float = 1.0,
+  jacobi_window: int = 0,
 ) -> dict:
   """Returns {λ: {split: kind -> attribute -> accuracy}} and writes the report.
 
@@ -77,6 +78,8 @@ def evaluate_shapes(
     learning_curve_examples: prompts per split to score each kept checkpoint on
       (0: no learning curve).
     learning_curve_scale: the guidance scale of the learning curve.
+    jacobi_window: sample with speculative Jacobi decoding, this many draft tokens per
+      decoder call (0: the standard sampler); see SamplingOptions.
   """
   unknown = [s for s in splits if s not in spec.SPLITS]
   if unknown or examples < 1 or not guidance_scales or learning_curve_examples < 0:
@@ -106,8 +109,9 @@ def evaluate_shapes(
   progress = metric_logging.Progress(len(guidance_scales) * len(splits), unit="images", every=1)
   for number, scale in enumerate(guidance_scales):
     options = generation.SamplingOptions(
-      guidance_scale=float(scale), temperature=temperature, top_k=top_k, seed=seed
-    )
+      guidance_scale=float(scale), temperature=temperature, top_k=top_k, seed=seed,
+      jacobi_window=jacobi_window,
+    )  # fmt: skip
     generate = generation.make_generator(config, tok_config, options, device_mesh, rules, shardings)
     results[str(scale)] = {}
     for offset, (split, split_scenes) in enumerate(by_split.items()):
@@ -135,7 +139,7 @@ def evaluate_shapes(
       {s: v[:learning_curve_examples] for s, v in by_split.items()},
       generation.SamplingOptions(
         guidance_scale=float(learning_curve_scale), temperature=temperature, top_k=top_k,
-        seed=seed,
+        seed=seed, jacobi_window=jacobi_window,
       ),
       batch_size,
     )  # fmt: skip
