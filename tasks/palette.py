@@ -121,5 +121,25 @@ def register_palette_task(grid: int) -> seqio.Task:
   )
 
 
+def write_token_folder(folder: str, grid: int, examples: dict[str, int]) -> None:
+  """Writes the palette task as a pre-encoded folder (`parti.tasks.token_records`), so
+  that `parti.train` trains on it as on a tokenizer's output: `examples` per split."""
+  import pathlib
+
+  from parti.tasks import token_records
+
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  token_records.write_provenance(
+    folder, token_records.Provenance("palette", len(PALETTE), (grid, grid), grid, f"palette_{grid}")
+  )
+  for split, count in examples.items():
+    records = (
+      token_records.serialize(f"{split}{i}", ex["caption"], ex["targets"])
+      for i, ex in ((i, example(split, i, grid)) for i in range(count))
+    )
+    token_records.write_shard(folder / token_records.shard_name(split, 0, 0), records)
+
+
 for _grid in PALETTE_GRIDS:
   register_palette_task(_grid)

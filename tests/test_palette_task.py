@@ -52,3 +52,19 @@ def test_metrics_count_cells_and_object_cells():
   assert only_background == {"cell_accuracy": 50.0, "object_cell_accuracy": 0.0}
   with pytest.raises(ValueError, match="differ"):
     palette.palette_metrics([target], [[0, 0]])
+
+
+def test_token_folder_trains_like_a_tokenizers_output(tmp_path):
+  from parti.tasks import registry, token_records
+
+  palette.write_token_folder(str(tmp_path), 8, {"train": 3, "validation": 2})
+  provenance = token_records.read_provenance(tmp_path)
+  assert provenance.codebook_size == len(palette.PALETTE) and tuple(provenance.grid) == (8, 8)
+  task = registry.register_pre_encoded_task("palette_test_tokens", str(tmp_path))
+  dataset = task.get_dataset({"inputs": 32, "targets": 64}, split="validation", shuffle=False)
+  examples = list(dataset.as_numpy_iterator())
+  assert len(examples) == 2
+  for index, got in enumerate(examples):
+    np.testing.assert_array_equal(
+      got["targets"], palette.example("validation", index, 8)["targets"]
+    )
