@@ -1,0 +1,182 @@
+"""Speculative Jacobi decoding against the standard sampler, side by side in one run.
+
+    python bench/jacobi_sampling.py [--windows=4,8,16] [--grids=16,32] [--batches=1,8]
+    python bench/jacobi_sampling.py --checkpoint_dir=runs/palette/parti   # a trained model
+
+For each image size, batch size and window: decoder calls per image (after the
+prefill; the mean over the timed calls, each with new keys), tokens committed per call, image tokens per second and the wall-clock
+speed-up over `decoding.sample` on the same prompts, guidance 2.0 and top-k 64 (or
+all codes when there are fewer), temperature 1. Without a checkpoint the model is
+random: nothing in its images is predictable, so few drafts are kept (about 1.4
+tokens per call), a worst case; the trained rows are the ones to believe. With
+--checkpoint_dir the model and its grid come from a `parti.train` run, and its
+validation captions (if it was trained on the palette task) are the prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+
+from parti.modeling.config import PartiConfig
+from parti.modeling.model import Parti
+from parti.sampling import decoding, jacobi
+
+_WINDOWS = flags.DEFINE_list("windows", ["4", "8", "16"], "Jacobi windows to measure.")
+_GRIDS = flags.DEFINE_list("grids", ["16", "32"], "Image grids (side) of the random model.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint_dir", None, "A trained parti.train run.")
+_MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "Time each sampler at least this long.")
+_PROMPTS = flags.DEFINE_integer(
+  "faithfulness_prompts", 512, "Palette validation captions scored per sampler (trained model)."
+)
+
+GUIDANCE, TOP_K = 2.0, 64
+RANDOM = dict(
+  text_vocab_size=128, text_length=32, image_vocab_size=512, num_encoder_layers=2,
+  num_decoder_layers=4, embed_dim=128, mlp_dim=512, num_heads=4, dtype="float32",
+)  # fmt: skip
+
+
+def _best_seconds(fn, *args) -> tuple[float, list]:
+  """Best time of repeated calls (after a compiling one), and every timed call's result."""
+  jax.block_until_ready(fn(*args, jax.random.key(0)))
+  best, timed, results = float("inf"), 0.0, []
+  while len(results) < 2 or timed < _MIN_SECONDS.value:
+    start = time.perf_counter()
+    results.append(jax.block_until_ready(fn(*args, jax.random.key(len(results) + 1))))
+    seconds = time.perf_counter() - start
+    best, timed = min(best, seconds), timed + seconds
+  return best, results
+
+
+def compare(config: PartiConfig, params, text, label: str) -> None:
+  """Prints the standard sampler's row and one row per window, all on the same prompts."""
+  batch, tokens = text.shape[0], config.image_length
+  top_k = TOP_K if config.image_vocab_size > TOP_K else 0
+  options = dict(guidance_scale=GUIDANCE, top_k=top_k)
+  standard = jax.jit(functools.partial(decoding.sample, config, **options))
+  base, _ = _best_seconds(standard, params, text)
+  base_calls = tokens - 1
+  print(
+    f"| {label} | {tokens} | {batch} | standard | {base_calls} | 1.00 | "
+    f"{batch * tokens / base:.0f} | 1.00x |",
+    flush=True,
+  )
+  for window in map(int, _WINDOWS.value):
+    sjd = jax.jit(functools.partial(jacobi.sample, config, window=window, **options))
+    seconds, results = _best_seconds(sjd, params, text)
+    # Calls vary with the draws: the mean over every timed call (each a new key).
+    calls = float(np.mean([int(result[2]) for result in results]))
+    print(
+      f"| {label} | {tokens} | {batch} | window {window} | {calls:.0f} | "
+      f"{(tokens - 1) / calls:.2f} | {batch * tokens / seconds:.0f} | {base / seconds:.2f}x |",
+      flush=True,
+    )
+
+
+def faithfulness(config: PartiConfig, params, batch: int = 64) -> None:
+  """The palette metrics of each sampler's images of the same validation captions."""
+  from parti.tasks import palette
+
+  grid = config.image_grid[0]
+  count = _PROMPTS.value
+  targets = [palette.example("validation", i, grid)["targets"] for i in range(count)]
+  text = _prompts(config, count)
+  top_k = TOP_K if config.image_vocab_size > TOP_K else 0
+  samplers = {"standard": functools.partial(decoding.sample, config)}
+  for window in map(int, _WINDOWS.value):
+    samplers[f"window {window}"] = functools.partial(jacobi.sample, config, window=window)
+  print(f"\nFaithfulness, {count} validation captions, guidance {GUIDANCE}:")
+  print("| sampler | cell accuracy | object-cell accuracy | 95% interval of the object cells |")
+  print("|---|---|---|---|")
+  for name, sampler in samplers.items():
+    run = jax.jit(functools.partial(sampler, guidance_scale=GUIDANCE, top_k=top_k))
+    images = []
+    for start in range(0, count, batch):
+      keys = jax.random.split(jax.random.key(start), min(batch, count - start))
+      images.append(np.asarray(run(params, text[start : start + batch], keys)[0]))
+    predictions = np.concatenate(images)
+    metrics = palette.palette_metrics(targets, predictions)
+    # Per-image object-cell accuracy, for an interval over images (cells of one image
+    # are not independent).
+    per_image = [
+      100 * np.mean((p == t)[t < len(palette.spec.COLORS)])
+      for p, t in zip(predictions, targets, strict=True)
+      if (t < len(palette.spec.COLORS)).any()
+    ]
+    half = 1.96 * np.std(per_image) / np.sqrt(len(per_image))
+    print(
+      f"| {name} | {metrics['cell_accuracy']:.1f}% | {metrics['object_cell_accuracy']:.1f}% | "
+      f"±{half:.1f} |",
+      flush=True,
+    )
+
+
+def _random_model(grid: int):
+  config = PartiConfig(**RANDOM, image_grid=(grid, grid))
+  params = jax.jit(
+    lambda: nn.meta.unbox(
+      Parti(config).init(
+        jax.random.key(0),
+        jnp.ones((1, config.text_length), jnp.int32),
+        jnp.zeros((1, config.image_length), jnp.int32),
+      )["params"]
+    )
+  )()
+  return config, params
+
+
+def _trained_model(checkpoint_dir: str):
+  from parti import partitioning
+  from parti.modeling import checkpoint_io
+
+  mesh_config = partitioning.MeshConfig()
+  mesh = partitioning.create_mesh(mesh_config)
+  config, params, _, step = checkpoint_io.load_params(
+    checkpoint_dir, mesh, partitioning.rules_for(mesh_config)
+  )
+  return config, params, step
+
+
+def _prompts(config: PartiConfig, batch: int) -> jax.Array:
+  """The palette task's validation captions, tokenized (the shapes vocabulary)."""
+  from parti.sampling.prompts import PromptEncoder
+  from parti.tasks import palette
+
+  encoder = PromptEncoder(config.text_length, None)
+  captions = [palette.example("validation", i, 8)["caption"] for i in range(batch)]
+  return jnp.asarray(np.stack([encoder.encode(c) for c in captions]), jnp.int32)
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; float32")
+  print(
+    "| model | tokens | batch | sampler | decoder calls per image | tokens per call | "
+    "image tokens/s | speed-up |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
+  if _CHECKPOINT.value:
+    config, params, step = _trained_model(_CHECKPOINT.value)
+    for batch in map(int, _BATCHES.value):
+      compare(config, params, _prompts(config, batch), f"trained, step {step}")
+    faithfulness(config, params)
+    return
+  for grid in map(int, _GRIDS.value):
+    config, params = _random_model(grid)
+    rng = np.random.default_rng(0)
+    for batch in map(int, _BATCHES.value):
+      text = jnp.asarray(rng.integers(2, 128, (batch, config.text_length)), jnp.int32)
+      compare(config, params, text, "random")
+
+
+if __name__ == "__main__":
+  app.run(main)
