@@ -24,8 +24,8 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
+from parti.modeling import model
 from parti.modeling.config import PartiConfig
-from parti.modeling.model import Parti
 from parti.sampling import decoding, jacobi
 
 _WINDOWS = flags.DEFINE_list("windows", ["4", "8", "16"], "Jacobi windows to measure.")
@@ -121,15 +121,7 @@ def faithfulness(config: PartiConfig, params, batch: int = 64) -> None:
 
 def _random_model(grid: int):
   config = PartiConfig(**RANDOM, image_grid=(grid, grid))
-  params = jax.jit(
-    lambda: nn.meta.unbox(
-      Parti(config).init(
-        jax.random.key(0),
-        jnp.ones((1, config.text_length), jnp.int32),
-        jnp.zeros((1, config.image_length), jnp.int32),
-      )["params"]
-    )
-  )()
+  params = jax.jit(lambda: nn.meta.unbox(model.init_params(config, jax.random.key(0))))()
   return config, params
 
 

@@ -34,8 +34,8 @@ import peer
 from absl import app, flags
 from flax import linen as nn
 
+from parti.modeling import model
 from parti.modeling.config import PartiConfig
-from parti.modeling.model import Parti
 from parti.sampling import decoding
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "small", "matched"], "Configs to measure.")
@@ -75,15 +75,7 @@ def measure(name: str, grid: tuple[int, int], batch: int) -> float:
   config = (
     PartiConfig(**fields) if name != "350m" else PartiConfig(**CONFIGS[name], image_grid=grid)
   )
-  params = jax.jit(
-    lambda: nn.meta.unbox(
-      Parti(config).init(
-        jax.random.key(0),
-        jnp.ones((1, config.text_length), jnp.int32),
-        jnp.zeros((1, config.image_length), jnp.int32),
-      )["params"]
-    )
-  )()
+  params = jax.jit(lambda: nn.meta.unbox(model.init_params(config, jax.random.key(0))))()
   text = jnp.asarray(
     np.random.default_rng(0).integers(2, config.text_vocab_size, (batch, config.text_length)),
     jnp.int32,

@@ -183,7 +183,7 @@ def sample(
   params, config = unstack_layers(params, config)
   model = Parti(config)
   batch = encoder_input_tokens.shape[0]
-  guidance = _Guidance(guidance_scale, batch)
+  guidance = Guidance(guidance_scale, batch)
   known = 0 if prefix is None else prefix.shape[1]
   if known >= config.image_length:
     raise ValueError(f"A prefix of {known} tokens leaves nothing of {config.image_length}.")
@@ -197,18 +197,7 @@ def sample(
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return invert_cdf(filter_logits(logits / temperature, top_k, top_p), uniforms[:, position])
 
-  encoded, mask = model.apply(
-    {"params": params}, guidance.doubled(encoder_input_tokens), null=guidance.null,
-    method=Parti.encode,
-  )  # fmt: skip
-  first = jnp.full((batch, 1), config.bos_id, jnp.int32)
-  if prefix is not None:
-    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
-  logits, variables = model.apply(
-    {"params": params}, guidance.doubled(first), encoded, mask, use_cache=True,
-    method=Parti.decode, mutable=["cache"],
-  )  # fmt: skip
-  prefill = guidance.guide(logits)  # [B, known + 1, V]: the prefix's positions, then the next.
+  mask, first, prefill, cache = prefill_cache(model, params, guidance, encoder_input_tokens, prefix)
 
   def step(carry, position):
     cache, logits = carry
@@ -217,25 +206,45 @@ def sample(
       {"params": params, "cache": cache}, guidance.doubled(token)[:, None], None, mask,
       use_cache=True, method=Parti.decode, mutable=["cache"],
     )  # fmt: skip
-    return (updated["cache"], guidance.guide(next_logits[:, -1])), (token, _log_prob(logits, token))
+    return (updated["cache"], guidance.guide(next_logits[:, -1])), (token, log_prob(logits, token))
 
   sampled, sampled_log_probs, last_logits = _scan_in_windows(
-    step, variables["cache"], prefill[:, -1], known, config.image_length, batch
+    step, cache, prefill[:, -1], known, config.image_length, batch
   )
   last = choose(last_logits, config.image_length - 1)
   tokens = jnp.concatenate([first[:, 1:], sampled.T, last[:, None]], axis=1)
   log_probs = jnp.concatenate(
     [
-      _log_prob(prefill[:, :known], first[:, 1:]),
+      log_prob(prefill[:, :known], first[:, 1:]),
       sampled_log_probs.T,
-      _log_prob(last_logits, last)[:, None],
+      log_prob(last_logits, last)[:, None],
     ],
     axis=1,
   )
   return tokens, log_probs
 
 
-class _Guidance:
+def prefill_cache(model: Parti, params, guidance: Guidance, text: jax.Array, prefix):
+  """The encoder pass and the decoder's prefill over BOS and the prefix, with a KV cache.
+
+  Returns (the text's attention mask, the fed tokens [B, 1 + known] (BOS, prefix), the
+  guided logits at those positions [B, 1 + known, V] (the last is the first free
+  token's), the cache).
+  """
+  encoded, mask = model.apply(
+    {"params": params}, guidance.doubled(text), null=guidance.null, method=Parti.encode
+  )
+  first = jnp.full((text.shape[0], 1), model.config.bos_id, jnp.int32)
+  if prefix is not None:
+    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
+  logits, variables = model.apply(
+    {"params": params}, guidance.doubled(first), encoded, mask, use_cache=True,
+    method=Parti.decode, mutable=["cache"],
+  )  # fmt: skip
+  return mask, first, guidance.guide(logits), variables["cache"]
+
+
+class Guidance:
   """Classifier-free guidance: the conditional and null-condition streams run as one
   doubled batch, and their logits combine as uncond + scale * (cond - uncond). A
   float scale of exactly 1 skips the null stream."""
@@ -257,7 +266,7 @@ class _Guidance:
     return uncond + self.scale.reshape(-1, *([1] * (logits.ndim - 1))) * (cond - uncond)
 
 
-def _log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
+def log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
   """log p(token) under softmax(logits), at every leading index."""
   return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
 

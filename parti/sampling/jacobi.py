@@ -78,7 +78,7 @@ def sample(
   params, config = unstack_layers(params, config)
   model = Parti(config)
   batch, length = encoder_input_tokens.shape[0], config.image_length
-  guidance = decoding._Guidance(guidance_scale, batch)
+  guidance = decoding.Guidance(guidance_scale, batch)
   known = 0 if prefix is None else prefix.shape[1]
   if known >= length:
     raise ValueError(f"A prefix of {known} tokens leaves nothing of {length}.")
@@ -94,18 +94,9 @@ def sample(
       return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(decoding.filter_logits(logits / temperature, top_k, top_p), -1)
 
-  encoded, mask = model.apply(
-    {"params": params}, guidance.doubled(encoder_input_tokens), null=guidance.null,
-    method=Parti.encode,
-  )  # fmt: skip
-  first = jnp.full((batch, 1), config.bos_id, jnp.int32)
-  if prefix is not None:
-    first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
-  logits, variables = model.apply(
-    {"params": params}, guidance.doubled(first), encoded, mask, use_cache=True,
-    method=Parti.decode, mutable=["cache"],
-  )  # fmt: skip
-  prefill = guidance.guide(logits)
+  mask, first, prefill, cache = decoding.prefill_cache(
+    model, params, guidance, encoder_input_tokens, prefix
+  )
   # The prefill's last position is the exact distribution of the first free token:
   # drawn here, as the standard sampler draws it, it is committed without a call.
   first_probs = distribution(prefill[:, -1])
@@ -115,12 +106,12 @@ def sample(
   log_probs = jnp.zeros((batch, length + window), jnp.float32)
   tokens = tokens.at[:, : known + 1].set(jnp.concatenate([first[:, 1:], first_token[:, None]], 1))
   log_probs = log_probs.at[:, : known + 1].set(
-    decoding._log_prob(prefill, jnp.concatenate([first[:, 1:], first_token[:, None]], 1))
+    decoding.log_prob(prefill, jnp.concatenate([first[:, 1:], first_token[:, None]], 1))
   )
   # The first drafts: no better guess yet than the same distribution, one position on.
   first_draft = jnp.broadcast_to(first_probs[:, None], (batch, window, config.image_vocab_size))
   drafts = _draw(first_draft, uniforms[:, 1:])
-  cache = _pad_self_cache(variables["cache"], window)
+  cache = _pad_self_cache(cache, window)
 
   def iteration(state):
     cache, tokens, log_probs, drafts, draft_probs, committed, calls = state
@@ -148,7 +139,7 @@ def sample(
     new = jnp.where(positions[None] < accepted[:, None], drafts, resampled)
     take = positions < count
     tokens = _write(tokens, new, committed, take)
-    log_probs = _write(log_probs, decoding._log_prob(guided, new), committed, take)
+    log_probs = _write(log_probs, decoding.log_prob(guided, new), committed, take)
     # Redraft the positions after the committed ones from this call's distributions;
     # the window's new tail starts from its last position's.
     shifted = jnp.clip(positions + count, 0, window - 1)
