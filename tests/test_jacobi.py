@@ -130,3 +130,38 @@ def test_the_sampling_option_is_checked():
   assert SamplingOptions(jacobi_window=8).jacobi_window == 8
   with pytest.raises(ConfigError, match="Bad sampling options"):
     SamplingOptions(jacobi_window=-1)
+
+
+def test_the_inference_generator_decodes_with_jacobi_on_eight_devices():
+  """Through `make_generator` (as infer and evaluate_shapes call it), batch sharded over
+  an 8-device mesh: greedy Jacobi decoding writes the standard sampler's images."""
+  from helpers import tiny_run_config, tiny_tokenizer_config
+
+  from parti import partitioning
+  from parti.modeling import model
+  from parti.sampling import generation
+  from parti.sampling.prompts import Prompt, PromptEncoder
+  from parti.tokenizer import model as tokenizer_model
+
+  config, tok_config = tiny_run_config(), tiny_tokenizer_config()
+  mesh_config = partitioning.MeshConfig()
+  mesh, rules = partitioning.create_mesh(mesh_config), partitioning.rules_for(mesh_config)
+  params, shardings = partitioning.init_sharded(
+    lambda: model.init_params(config, jax.random.key(0)), mesh, rules
+  )
+  params = jax.tree_util.tree_map(lambda x: 3.0 * x, params)  # Peaky: varied greedy tokens.
+  tok_params = nn.meta.unbox(
+    tokenizer_model.VitVQGAN(tok_config).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))[
+      "params"
+    ]
+  )
+  prompts = [(i, Prompt(f"{n} red circles")) for i, n in enumerate(["two", "three"] * 4)]
+  images = {}
+  for window in (0, 4):
+    options = generation.SamplingOptions(guidance_scale=2.0, temperature=0.0, jacobi_window=window)
+    generate = generation.make_generator(config, tok_config, options, mesh, rules, shardings)
+    inputs = generation.host_inputs(prompts, 8, PromptEncoder(config.text_length), options)
+    images[window], _ = generate(params, tok_params, *inputs)
+  assert images[0].shape == (8, 1, 32, 32, 3)
+  assert not np.allclose(images[0][0], images[0][1])  # The two prompts' images differ.
+  np.testing.assert_allclose(images[4], images[0], atol=1e-5)
