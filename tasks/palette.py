@@ -14,11 +14,13 @@ Tasks: `parti_shapes_palette_G` for G in PALETTE_GRIDS (G * G target tokens).
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from parti.tasks import registry, vocabularies
+from parti.tasks import registry, token_records
 from parti.tasks.shapes import render, scenes, spec
 
 # Object colors first, then backgrounds: index i is code i.
@@ -102,32 +104,14 @@ def register_palette_task(grid: int) -> seqio.Task:
   def to_features(dataset):
     return dataset.map(lambda ex: {"inputs": ex["caption"], "targets": ex["targets"]})
 
-  seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
-    name,
-    source=_source(grid),
-    preprocessors=[
-      to_features,
-      seqio.preprocessors.tokenize,
-      seqio.preprocessors.append_eos_after_trim,
-    ],
-    output_features={
-      "inputs": registry.text_feature(vocabularies.text_vocabulary()),
-      "targets": seqio.Feature(
-        vocabularies.ImageVocabulary(len(PALETTE)), add_eos=False, dtype=tf.int32
-      ),
-    },
-    metric_fns=[palette_metrics],
+  return registry.register_text_to_tokens_task(
+    name, _source(grid), to_features, len(PALETTE), metric_fns=[palette_metrics]
   )
 
 
 def write_token_folder(folder: str, grid: int, examples: dict[str, int]) -> None:
   """Writes the palette task as a pre-encoded folder (`parti.tasks.token_records`), so
   that `parti.train` trains on it as on a tokenizer's output: `examples` per split."""
-  import pathlib
-
-  from parti.tasks import token_records
-
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   token_records.write_provenance(
@@ -136,7 +120,7 @@ def write_token_folder(folder: str, grid: int, examples: dict[str, int]) -> None
   for split, count in examples.items():
     records = (
       token_records.serialize(f"{split}{i}", ex["caption"], ex["targets"])
-      for i, ex in ((i, example(split, i, grid)) for i in range(count))
+      for i, ex in enumerate(example(split, i, grid) for i in range(count))
     )
     token_records.write_shard(folder / token_records.shard_name(split, 0, 0), records)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import seqio
 import tensorflow as tf
@@ -106,6 +106,25 @@ def register_pre_encoded_task(
       lambda ex: {"inputs": ex["caption"], "targets": tf.cast(ex["image_tokens"], tf.int32)}
     )
 
+  return register_text_to_tokens_task(
+    name, source, to_features, provenance.codebook_size, text_vocabulary
+  )
+
+
+def register_text_to_tokens_task(
+  name: str,
+  source: seqio.DataSource,
+  to_features: Callable,
+  codebook_size: int,
+  text_vocabulary: seqio.Vocabulary | None = None,
+  metric_fns: Sequence[Callable] = (),
+) -> seqio.Task:
+  """Registers a task of caption tokens in and image tokens out.
+
+  `to_features` maps the source's records to {"inputs": caption string, "targets":
+  int32 image tokens}; the caption is then tokenized and ends in EOS, and the targets'
+  vocabulary is the `codebook_size` image codes.
+  """
   vocabulary = text_vocabulary or vocabularies.text_vocabulary()
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
@@ -119,9 +138,10 @@ def register_pre_encoded_task(
     output_features={
       "inputs": text_feature(vocabulary),
       "targets": seqio.Feature(
-        vocabularies.ImageVocabulary(provenance.codebook_size), add_eos=False, dtype=tf.int32
+        vocabularies.ImageVocabulary(codebook_size), add_eos=False, dtype=tf.int32
       ),
     },
+    metric_fns=list(metric_fns),
   )
 
 

@@ -79,6 +79,15 @@ def adafactor_factor_rules():
   return flax.core.freeze(rules)
 
 
+def _sampler_options(options: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+  """`options` as a dict, refused by name if it sets anything but DECODER_PARAMS."""
+  options = dict(options or {})
+  unknown = set(options) - set(DECODER_PARAMS)
+  if unknown:
+    raise ValueError(f"Unknown {name} {sorted(unknown)}; Parti's sampler takes {DECODER_PARAMS}.")
+  return options
+
+
 class PartiT5xModel:
   """The t5x `BaseModel` methods over `parti.modeling.model.Parti`.
 
@@ -107,12 +116,7 @@ class PartiT5xModel:
     self.module = Parti(config)
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
-    self.decode_options = dict(decode_options or {})
-    unknown = set(self.decode_options) - set(DECODER_PARAMS)
-    if unknown:
-      raise ValueError(
-        f"Unknown decode_options {sorted(unknown)}; Parti's sampler takes {DECODER_PARAMS}."
-      )
+    self.decode_options = _sampler_options(decode_options, "decode_options")
 
   @property
   def input_vocabulary(self):
@@ -238,14 +242,13 @@ class PartiT5xModel:
       raise NotImplementedError(
         "Parti decodes whole images; prompting with targets is not supported."
       )
-    unknown = set(decoder_params or {}) - set(DECODER_PARAMS)
-    if unknown:
-      raise ValueError(
-        f"Unknown decoder_params {sorted(unknown)}; Parti's sampler takes {DECODER_PARAMS}."
-      )
     if num_decodes < 1:
       raise ValueError(f"num_decodes must be at least 1, got {num_decodes}.")
-    options = {"temperature": 1.0, **self.decode_options, **(decoder_params or {})}
+    options = {
+      "temperature": 1.0,
+      **self.decode_options,
+      **_sampler_options(decoder_params, "decoder_params"),
+    }
     rng = jax.random.key(0) if rng is None else rng
     text = batch["encoder_input_tokens"]
     batch_size = text.shape[0]

@@ -59,9 +59,14 @@ def invert_cdf(logits: jax.Array, uniform: jax.Array) -> jax.Array:
   cumulative sum take a seventh of that. A token whose probability is 0 (masked
   by top-k or top-p) is never drawn: its CDF entry equals the one before it.
   """
-  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-  target = uniform[:, None] * cdf[:, -1:]
-  return jnp.minimum(jnp.sum(cdf <= target, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+  return draw(jax.nn.softmax(logits, axis=-1), uniform)
+
+
+def draw(probs: jax.Array, uniform: jax.Array) -> jax.Array:
+  """A token per leading index from `probs` [..., V] (unnormalized) at `uniform` [...]."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  target = uniform[..., None] * cdf[..., -1:]
+  return jnp.minimum(jnp.sum(cdf <= target, axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -104,8 +109,9 @@ def cache_windows(known: int, length: int) -> list[tuple[int, int, int]]:
   return [(bounds[i], bounds[i + 1], bounds[i + 1] + 1) for i in range(count)]
 
 
-def _resize_self_cache(cache, length: int, like=None):
-  """The self-attention caches cut to (or, given the full `like`, written back into) `length`.
+def resize_self_cache(cache, length: int, like=None):
+  """The self-attention caches cut or padded (with empty positions) to `length`; or,
+  given the full `like`, written back into it.
 
   Only `cached_key` / `cached_value` under a `self_attention` scope are touched;
   cross-attention caches (the text's keys and values) keep their shape.
@@ -115,9 +121,13 @@ def _resize_self_cache(cache, length: int, like=None):
     names = [getattr(p, "key", "") for p in path]
     if "self_attention" not in names or names[-1] not in ("cached_key", "cached_value"):
       return leaf
-    if full is None:
+    if full is not None:
+      return jax.lax.dynamic_update_slice_in_dim(full, leaf, 0, axis=2)
+    if length <= leaf.shape[2]:
       return jax.lax.slice_in_dim(leaf, 0, length, axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(full, leaf, 0, axis=2)
+    widths = [(0, 0)] * leaf.ndim
+    widths[2] = (0, length - leaf.shape[2])
+    return jnp.pad(leaf, widths)
 
   if like is None:
     return jax.tree_util.tree_map_with_path(resize, cache)
@@ -281,11 +291,11 @@ def _scan_in_windows(step, cache, logits, known: int, length: int, batch: int):
   """
   sampled, log_probs = [], []
   for begin, end, window in cache_windows(known, length):
-    windowed = _resize_self_cache(cache, window)
+    windowed = resize_self_cache(cache, window)
     (windowed, logits), (chunk, chunk_log_probs) = jax.lax.scan(
       step, (windowed, logits), jnp.arange(begin, end)
     )
-    cache = _resize_self_cache(windowed, length, like=cache)
+    cache = resize_self_cache(windowed, length, like=cache)
     sampled.append(chunk)
     log_probs.append(chunk_log_probs)
   if not sampled:

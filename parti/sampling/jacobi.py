@@ -101,17 +101,16 @@ def sample(
   # drawn here, as the standard sampler draws it, it is committed without a call.
   first_probs = distribution(prefill[:, -1])
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (window + 1,)))(first_keys)
-  first_token = _draw(first_probs, uniforms[:, 0])
+  first_token = decoding.draw(first_probs, uniforms[:, 0])
   tokens = jnp.zeros((batch, length + window), jnp.int32)
   log_probs = jnp.zeros((batch, length + window), jnp.float32)
-  tokens = tokens.at[:, : known + 1].set(jnp.concatenate([first[:, 1:], first_token[:, None]], 1))
-  log_probs = log_probs.at[:, : known + 1].set(
-    decoding.log_prob(prefill, jnp.concatenate([first[:, 1:], first_token[:, None]], 1))
-  )
+  committed_tokens = jnp.concatenate([first[:, 1:], first_token[:, None]], 1)  # Prefix, first.
+  tokens = tokens.at[:, : known + 1].set(committed_tokens)
+  log_probs = log_probs.at[:, : known + 1].set(decoding.log_prob(prefill, committed_tokens))
   # The first drafts: no better guess yet than the same distribution, one position on.
   first_draft = jnp.broadcast_to(first_probs[:, None], (batch, window, config.image_vocab_size))
-  drafts = _draw(first_draft, uniforms[:, 1:])
-  cache = _pad_self_cache(cache, window)
+  drafts = decoding.draw(first_draft, uniforms[:, 1:])
+  cache = decoding.resize_self_cache(cache, length + window)
 
   def iteration(state):
     cache, tokens, log_probs, drafts, draft_probs, committed, calls = state
@@ -134,7 +133,7 @@ def sample(
     # The batch commits what its least lucky example can: its kept drafts and one more.
     count = jnp.minimum(jnp.min(jnp.minimum(accepted + 1, window)), length - committed)
     residual = jnp.maximum(probs - draft_probs, 0.0)
-    resampled = _draw(residual, resample_u)
+    resampled = decoding.draw(residual, resample_u)
     positions = jnp.arange(window)
     new = jnp.where(positions[None] < accepted[:, None], drafts, resampled)
     take = positions < count
@@ -144,7 +143,7 @@ def sample(
     # the window's new tail starts from its last position's.
     shifted = jnp.clip(positions + count, 0, window - 1)
     next_probs = jnp.take_along_axis(probs, shifted[None, :, None], axis=1)
-    next_drafts = _draw(next_probs, redraft_u)
+    next_drafts = decoding.draw(next_probs, redraft_u)
     cache = _set_write_position(updated["cache"], committed + count)
     return cache, tokens, log_probs, next_drafts, next_probs, committed + count, calls + 1
 
@@ -155,33 +154,12 @@ def sample(
   return tokens[:, :length], log_probs[:, :length], calls
 
 
-def _draw(probs: jax.Array, uniform: jax.Array) -> jax.Array:
-  """A token per leading index from `probs` [..., V] (unnormalized) at `uniform` [...]."""
-  cdf = jnp.cumsum(probs, axis=-1)
-  target = uniform[..., None] * cdf[..., -1:]
-  return jnp.minimum(jnp.sum(cdf <= target, axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
-
-
 def _write(array: jax.Array, values: jax.Array, start: jax.Array, take: jax.Array) -> jax.Array:
   """`array` [B, N] with values [B, W] written from column `start` where `take` [W]."""
   current = jax.lax.dynamic_slice_in_dim(array, start, values.shape[1], axis=1)
   return jax.lax.dynamic_update_slice_in_dim(
     array, jnp.where(take[None], values, current), start, axis=1
   )
-
-
-def _pad_self_cache(cache, extra: int):
-  """Self-attention key/value caches with `extra` more (empty) positions."""
-
-  def pad(path, leaf):
-    names = [getattr(p, "key", "") for p in path]
-    if "self_attention" not in names or names[-1] not in ("cached_key", "cached_value"):
-      return leaf
-    widths = [(0, 0)] * leaf.ndim
-    widths[2] = (0, extra)
-    return jnp.pad(leaf, widths)
-
-  return jax.tree_util.tree_map_with_path(pad, cache)
 
 
 def _set_write_position(cache, position: jax.Array | int):
