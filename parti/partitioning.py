@@ -209,6 +209,17 @@ def batch_divisor(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in _BATCH]))
 
 
+def pad_batch(array: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, int]:
+  """(array padded to a multiple of the mesh's batch ways by repeating its last row, the
+  original size): what a library call does with a batch that does not divide."""
+  size = array.shape[0]
+  divisor = batch_divisor(mesh)
+  padded = -(-size // divisor) * divisor
+  if padded != size:
+    array = np.concatenate([array, np.repeat(array[-1:], padded - size, axis=0)])
+  return array, size
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   """Fails early, and clearly, when the batch is not a positive integer or does not
   split over the mesh."""

@@ -76,14 +76,6 @@ class ImageTokenizer:
   def codebook_size(self) -> int:
     return self.config.codebook_size
 
-  def _pad(self, array: np.ndarray) -> tuple[np.ndarray, int]:
-    size = array.shape[0]
-    divisor = partitioning.batch_divisor(self._mesh)
-    padded = -(-size // divisor) * divisor
-    if padded != size:
-      array = np.concatenate([array, np.repeat(array[-1:], padded - size, axis=0)])
-    return array, size
-
   def encode(self, images) -> np.ndarray:
     """images [B, S, S, 3] (float in [0, 1], or uint8) -> code ids int32 [B, h, w]."""
     images = np.asarray(images)
@@ -94,7 +86,7 @@ class ImageTokenizer:
       )
     if images.dtype == np.uint8:
       images = images.astype(np.float32) / 255.0
-    padded, size = self._pad(images.astype(np.float32))
+    padded, size = partitioning.pad_batch(images.astype(np.float32), self._mesh)
     with partitioning.activate(self._mesh, self._rules):
       ids = self._encode(self.params, jax.device_put(padded, self._images))
     return np.asarray(ids)[:size]
@@ -106,7 +98,7 @@ class ImageTokenizer:
       raise ValueError(f"decode expects ids [B, {self.grid[0]}, {self.grid[1]}], got {ids.shape}.")
     if ids.min(initial=0) < 0 or ids.max(initial=0) >= self.codebook_size:
       raise ValueError(f"Code ids must lie in [0, {self.codebook_size}).")
-    padded, size = self._pad(ids.astype(np.int32))
+    padded, size = partitioning.pad_batch(ids.astype(np.int32), self._mesh)
     with partitioning.activate(self._mesh, self._rules):
       images = self._decode(self.params, jax.device_put(padded, self._ids))
     return np.asarray(images)[:size]

@@ -81,6 +81,14 @@ def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str
   return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
 
 
+def discriminator_objective(discriminate, real, fake, kind: str, r1_gamma: float) -> jax.Array:
+  """The discriminator's loss with its R1 penalty; `discriminate` maps images to logits."""
+  loss = discriminator_loss(discriminate(real), discriminate(fake), kind)
+  if r1_gamma > 0:
+    loss += r1_gamma / 2 * r1_penalty(discriminate, real)
+  return loss
+
+
 def r1_penalty(discriminate, images: jax.Array) -> jax.Array:
   """E |grad_x D(x)|^2 over real images (multiply by gamma / 2)."""
   gradients = jax.grad(lambda x: jnp.sum(discriminate(x)))(images)

@@ -12,7 +12,6 @@ one and exits with status 75. Stage two (Parti) starts from a trained tokenizer 
 
 from __future__ import annotations
 
-import functools
 import pathlib
 from collections.abc import Sequence
 
@@ -156,8 +155,11 @@ def train(
     eval_split, device_mesh, rules,
   )  # fmt: skip
 
+  gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
-    step=_gan_schedule_step(trainer, loss_weights, state_shardings, batch_sharding, replicated),
+    step=loop.gan_schedule_step(
+      trainer.train_step, gan_start, state_shardings, batch_sharding, replicated
+    ),
     next_batch=lambda: to_global(next(resumed.iterator)),
     loss_key="loss/total",
     metric_prefix="",
@@ -187,27 +189,6 @@ def _make_trainer(
     disc_channels,
     perceptual,
   )
-
-
-def _gan_schedule_step(trainer, loss_weights, state_shardings, batch_sharding, replicated):
-  """(step, state, images) -> (state, metrics): the step without the GAN terms until
-  `adversarial_start_step`, then with them (two compiled programs)."""
-
-  def jit_step(with_gan: bool):
-    return jax.jit(
-      functools.partial(trainer.train_step, with_gan=with_gan),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
-    )
-
-  steps = {False: jit_step(False), True: jit_step(True)}
-
-  def step_fn(step: int, state, images):
-    with_gan = loss_weights.adversarial > 0 and step >= loss_weights.adversarial_start_step
-    return steps[with_gan](state, images)
-
-  return step_fn
 
 
 def _dead_code_restarts(trainer, every: int, seed: int):

@@ -124,13 +124,10 @@ class Trainer:
     return state, metrics
 
   def _disc_loss(self, disc_params, real, fake):
-    def discriminate(x):
-      return self.disc.apply({"params": disc_params}, x)
-
-    loss = losses.discriminator_loss(discriminate(real), discriminate(fake), self.weights.gan_loss)
-    if self.weights.r1_gamma > 0:
-      loss += self.weights.r1_gamma / 2 * losses.r1_penalty(discriminate, real)
-    return loss
+    return losses.discriminator_objective(
+      lambda x: self.disc.apply({"params": disc_params}, x),
+      real, fake, self.weights.gan_loss, self.weights.r1_gamma,
+    )  # fmt: skip
 
   def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
     """Moves codes unused since the last restart onto current encoder outputs.
