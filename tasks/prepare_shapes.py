@@ -36,7 +36,8 @@ def prepare_shapes(
 
   Args:
     data_dir: the TFDS data dir.
-    config: a named config (32, 64, 128, 256, 64_10k, 48_20k), or the name of a custom one.
+    config: a named config (32, 64, 128, 256, 64_10k, 48_20k, 256_from_64,
+      192_from_48), or the name of a custom one.
     image_size: for a custom config, the image side.
     num_train: for a custom config, training examples.
     num_eval: for a custom config, examples in each of validation, test and compositional.

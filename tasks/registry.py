@@ -4,6 +4,9 @@ Tasks, for each `parti_shapes` config C (32, 64, 128, 256, 64_10k, 48_20k):
 
   parti_shapes_C           caption tokens + raw image (tokenized in the train step)
   parti_shapes_C_images    images only, for tokenizer training
+  parti_shapes_C_pairs     `image` and `image_low`, the scene rendered at both sizes
+                           (configs with a low resolution, such as 256_from_64: the
+                           upsampler's exact pairs)
 
 and `coco_captions_256` / `coco_captions_256_images` over a prepared TFDS
 `coco_captions/2014`. Your own data and pre-encoded folders are registered with
@@ -149,11 +152,14 @@ def register_text_to_tokens_task(
 
 
 def _standardize_shapes(example: dict) -> dict:
-  return {
+  standard = {
     "key": tf.strings.join(["parti_shapes#", tf.strings.as_string(example["index"])]),
     "image": example["image"],
     "caption": example["caption"],
   }
+  if "image_low" in example:
+    standard["image_low"] = example["image_low"]
+  return standard
 
 
 def _register_shapes(config: shapes_builder.PartiShapesConfig, data_dir: str | None = None) -> None:
@@ -174,6 +180,34 @@ def _register_shapes(config: shapes_builder.PartiShapesConfig, data_dir: str | N
       image_size=config.image_size,
       image_only=image_only,
     )
+  if config.low_resolution is not None:
+    _register_image_pairs(f"parti_shapes_{config.name}_pairs", source, config)
+
+
+def _register_image_pairs(name: str, source, config: shapes_builder.PartiShapesConfig) -> None:
+  """`image` [S, S, 3] and `image_low` [s, s, 3], float32 in [0, 1], from the shapes
+  records (whose `image` is left encoded by the source; `image_low` TFDS decodes)."""
+  sizes = {"image": config.image_size, "image_low": config.low_resolution}
+
+  def to_pairs(dataset):
+    def convert(example):
+      pair = {
+        "image": tf.io.decode_png(example["image"], channels=3),
+        "image_low": example["image_low"],
+      }
+      for key, side in sizes.items():
+        pair[key] = tf.ensure_shape(tf.cast(pair[key], tf.float32) / 255.0, [side, side, 3])
+      return pair
+
+    return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+    name,
+    source=source,
+    preprocessors=[to_pairs],
+    output_features={"image": image_feature(), "image_low": image_feature()},
+  )
 
 
 # --- COCO captions (TFDS, prepared beforehand) -------------------------------------------------

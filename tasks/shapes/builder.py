@@ -7,6 +7,10 @@ Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
 training examples; `64_10k` and `48_20k` (the demo's) are smaller cuts. A custom
 size or count is a `PartiShapesConfig` passed as `config=`. Example i of split s is
 a pure function of (seed, s, i), so every machine prepares the same bytes.
+
+A config with `low_resolution` also renders each scene at that side, as
+`image_low`: exact pairs for the upsampler (`256_from_64`: 64 -> 256 px; `192_from_48`: the
+long demo's 48 -> 192 px).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
     num_compositional: int = 2_000,
     held_out: Sequence[tuple[str, str]] = spec.DEFAULT_HELD_OUT,
     seed: int = 0,
+    low_resolution: int | None = None,
     **kwargs,
   ):
     kwargs.setdefault("name", str(image_size))
@@ -48,7 +53,12 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
         raise ValueError(f"Held-out pair {pair} names an unknown color or shape.")
     if image_size < 16:
       raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
+    if low_resolution is not None and not 16 <= low_resolution < image_size:
+      raise ValueError(
+        f"low_resolution must lie in [16, image_size={image_size}), got {low_resolution}."
+      )
     self.image_size = image_size
+    self.low_resolution = low_resolution
     self.split_sizes = {
       "train": num_train,
       "validation": num_validation,
@@ -74,6 +84,12 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     # The demo's: 48 px puts each cell of the 3x3 layout on a 16 px patch.
     PartiShapesConfig(name="48_20k", image_size=48, num_train=20_000, num_validation=500,
                       num_test=500, num_compositional=500),
+    # The upsampler's: each scene rendered at 256 px and at 64 px; and the long demo's,
+    # at 192 px and at the demo tokenizer's 48 px.
+    PartiShapesConfig(name="256_from_64", image_size=256, low_resolution=64, num_train=8_000,
+                      num_validation=200, num_test=500, num_compositional=200),
+    PartiShapesConfig(name="192_from_48", image_size=192, low_resolution=48, num_train=8_000,
+                      num_validation=200, num_test=500, num_compositional=200),
   ]  # fmt: skip
   DEFAULT_CONFIG_NAME = "64"
 
@@ -85,11 +101,15 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
+    low = self.builder_config.low_resolution
     label = tfds.features.ClassLabel
+    images = {"image": tfds.features.Image(shape=(size, size, 3))}
+    if low is not None:
+      images["image_low"] = tfds.features.Image(shape=(low, low, 3))
     return self.dataset_info_from_configs(
       features=tfds.features.FeaturesDict(
         {
-          "image": tfds.features.Image(shape=(size, size, 3)),
+          **images,
           "caption": tfds.features.Text(),
           "kind": label(names=spec.KINDS),
           "background": label(names=list(spec.BACKGROUNDS)),
@@ -126,5 +146,7 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
       scene = scenes.make_scene(config.seed, split, index, config.held_out)
       example = scenes.to_example(scene)
       example["image"] = render.render(scene, config.image_size)
+      if config.low_resolution is not None:
+        example["image_low"] = render.render(scene, config.low_resolution)
       example["index"] = index
       yield index, example
