@@ -77,6 +77,9 @@ def test_core_imports_without_tensorflow(run_python, tmp_path):
     "parti.train",
     "parti.modeling.t5x_model",
     "parti.sampling.decoding",
+    "parti.upsampling.model",
+    "parti.upsampling.api",
+    "parti.train_upsampler",
   } <= imported
   assert set(TF_FREE_TASK_MODULES) <= imported
 
