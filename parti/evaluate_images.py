@@ -52,8 +52,9 @@ def _folder_images(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _generated(source: str) -> tuple[list[pathlib.Path], list[str] | None]:
-  """The images to evaluate, and their prompts if `source` is an inference run."""
+def _generated(source: str, upsampled: bool = False) -> tuple[list[pathlib.Path], list[str] | None]:
+  """The images to evaluate, and their prompts if `source` is an inference run (its
+  upsampled images with `upsampled`)."""
   folder = pathlib.Path(source)
   if not folder.is_dir():
     raise ConfigError(f"Generated images folder {source} not found.")
@@ -63,7 +64,13 @@ def _generated(source: str) -> tuple[list[pathlib.Path], list[str] | None]:
   from parti.sampling.manifests import finished_prompts
 
   entries = sorted(finished_prompts(folder).values(), key=lambda e: e["index"])
-  return [folder / e["files"][0] for e in entries], [e["prompt"] for e in entries]
+  key = "upsampled_files" if upsampled else "files"
+  if upsampled and not all(e.get(key) for e in entries):
+    raise ConfigError(
+      f"{source} has images without an upsampled version: run parti.infer with "
+      "UPSAMPLER_DIR, or evaluate the tokenizer-size images (upsampled=False)."
+    )
+  return [folder / e[key][0] for e in entries], [e["prompt"] for e in entries]
 
 
 def _task_images(spec: str, limit: int | None) -> Iterator[np.ndarray]:
@@ -136,6 +143,7 @@ def evaluate_images(
   vocabulary: str | None = None,
   batch_size: int = 32,
   max_reference_images: int | None = None,
+  upsampled: bool = False,
 ) -> dict:
   """Computes FID (and the CLIP-style score); writes and returns the metrics.
 
@@ -149,6 +157,8 @@ def evaluate_images(
     vocabulary: the reranker's SentencePiece model (default: the shapes one).
     batch_size: images per Inception forward pass.
     max_reference_images: read at most this many reference images (None: all).
+    upsampled: evaluate an inference run's upsampled images (its super-resolution
+      stage's output) instead of the tokenizer-size ones.
   """
   if batch_size < 1:
     raise ConfigError(f"batch_size must be positive, got {batch_size}.")
@@ -159,7 +169,7 @@ def evaluate_images(
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
 
-  paths, prompts = _generated(generated)
+  paths, prompts = _generated(generated, upsampled)
   if reranker_dir and prompts is None:
     raise ConfigError(
       f"The CLIP-style score needs each image's prompt: {generated} is not a parti.infer "

@@ -8,6 +8,8 @@ OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
   images/NNNNN_DIGEST_K.png  its K best samples of `samples` drawn, written atomically
                         (DIGEST: of the request, so no request writes over another's)
   images/NNNNN_DIGEST_prefix.png  for image completion, the given image's rows kept
+  images/NNNNN_DIGEST_K_xS.png  with an UPSAMPLER_DIR, sample K upsampled S times
+                        (Parti's super-resolution stage); the manifest lists both
   manifest-HHHHH.jsonl  one line per finished prompt, per host: the prompt, its
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
@@ -110,6 +112,7 @@ def infer(
   gallery_every: int = 10,
   reranker_dir: str | None = None,
   image_root: str | None = None,
+  upsampler_dir: str | None = None,
 ) -> list[dict]:
   """Generates images for every prompt; returns this run's manifest entries.
 
@@ -128,6 +131,8 @@ def infer(
       (None: rank by log-likelihood).
     image_root: a folder from which requests may also read images to complete
       (default: only their request file's folder).
+    upsampler_dir: a `parti.train_upsampler` MODEL_DIR whose upsampler also writes each
+      kept image at its larger size (None: tokenizer-size images only).
   """
   job_start = time.perf_counter()
   device_mesh = partitioning.create_mesh(mesh)
@@ -151,6 +156,7 @@ def infer(
     from parti.sampling.rerank import Reranker
 
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
+  upsampler = load_upsampler(upsampler_dir, tok_config, device_mesh, rules)
   all_prompts = read_prompts(prompts, image_root)
   out = pathlib.Path(output_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -162,6 +168,8 @@ def infer(
     "tokenizer_step": tok_step,
     "reranker": str(pathlib.Path(reranker_dir).absolute()) if reranker else None,
     "reranker_step": reranker.step if reranker else None,
+    "upsampler": str(pathlib.Path(upsampler_dir).absolute()) if upsampler else None,
+    "upsampler_step": upsampler.step if upsampler else None,
   }
   done = manifests.finished_prompts(out)
   _check_options(out, record, has_images=bool(done))
@@ -196,7 +204,7 @@ def infer(
     for slot, (index, prompt) in enumerate(mine):
       entry = _write_prompt(
         out, index, prompt, images[slot], log_likelihoods[slot],
-        None if similarities is None else similarities[slot], options, step,
+        None if similarities is None else similarities[slot], options, step, upsampler,
       )  # fmt: skip
       with open(manifest, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
@@ -211,6 +219,26 @@ def infer(
     logging.info("Where the time went: %s", timing)
     files.atomic_write_json(out / f"timing-{jax.process_index():05d}.json", timing)
   return written
+
+
+def load_upsampler(upsampler_dir: str | None, tok_config, mesh, rules):
+  """The super-resolution stage of `upsampler_dir`, or None without one.
+
+  Raises:
+    ConfigError: no trained upsampler there, or one whose input size is not the
+      tokenizer's image size (it would upsample images it was not trained on).
+  """
+  if not upsampler_dir:
+    return None
+  from parti.upsampling.api import Upsampler
+
+  upsampler = Upsampler.from_checkpoint(upsampler_dir, mesh=mesh, rules=rules)
+  if upsampler.config.input_size != tok_config.image_size:
+    raise ConfigError(
+      f"The upsampler in {upsampler_dir} takes {upsampler.config.input_size} px images, but "
+      f"the tokenizer makes {tok_config.image_size} px ones: train one for this tokenizer."
+    )
+  return upsampler
 
 
 def prefix_tokens(
@@ -275,8 +303,11 @@ def _file_stem(index: int, prompt: Prompt) -> str:
   return f"images/{index:05d}_{digest}"
 
 
-def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, options, step):
-  """Writes a prompt's best `keep` images; returns its manifest entry.
+def _write_prompt(
+  out, index, prompt, images, log_likelihoods, similarities, options, step, upsampler=None
+):
+  """Writes a prompt's best `keep` images (and, with an upsampler, their larger
+  versions); returns its manifest entry.
 
   `scores` are what ranked the samples: the reranker's cosine similarities when
   there is one (with their CLIP-score), else the log-likelihoods.
@@ -288,6 +319,15 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
     name = f"{_file_stem(index, prompt)}_{rank}.png"
     files.atomic_write_bytes(out / name, images_io.png_bytes(images[sample]))
     names.append(name)
+  upsampled = {}
+  if upsampler is not None:
+    scale = upsampler.config.scale
+    large = upsampler.upsample(images[best])
+    upsampled = {"upsampler_scale": scale, "upsampled_files": []}
+    for rank, image in enumerate(large):
+      name = f"{_file_stem(index, prompt)}_{rank}_x{scale}.png"
+      files.atomic_write_bytes(out / name, images_io.png_bytes(image))
+      upsampled["upsampled_files"].append(name)
   return {
     "index": index,
     "prompt": prompt.text,
@@ -318,6 +358,7 @@ def _write_prompt(out, index, prompt, images, log_likelihoods, similarities, opt
       else {"clip_score": float(contrastive.clip_score(similarities[best[0]]))}
     ),
     "files": names,
+    **upsampled,
   }
 
 

@@ -585,3 +585,62 @@ def test_a_run_that_failed_before_its_first_image_leaves_the_folder_usable(
   assert json.loads((tmp_path / "out" / infer.OPTIONS_FILE).read_text())["seed"] == 5
   with pytest.raises(ConfigError, match=r"other \['seed'\]"):  # Now it holds an image.
     run(tmp_path / "out", parti_run, trained_tokenizer, plain, options=OPTIONS)
+
+
+def _save_upsampler(model_dir, config, step: int = 5):
+  """An upsampler run folder (config and one checkpoint of random parameters)."""
+  from flax import linen as nn
+
+  from parti.upsampling import checkpoint_io, model
+
+  images = np.zeros((1, config.input_size, config.input_size, 3), np.float32)
+  params = nn.meta.unbox(model.WDSR(config).init(jax.random.key(0), images)["params"])
+  # Nonzero output convolutions, so the upsampled images are not plain bicubic.
+  params = jax.tree_util.tree_map(lambda x: x + 0.01, params)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  config.save(model_dir / checkpoint_io.CONFIG_FILE)
+  saver = checkpoints.Checkpointer(model_dir)
+  saver.save(step, {"params": params})
+  saver.close()
+  return str(model_dir)
+
+
+def test_an_upsampler_writes_each_kept_image_larger_beside_it(
+  tmp_path, parti_run, trained_tokenizer, prompts_file, first_run
+):
+  from parti.upsampling.config import UpsamplerConfig
+
+  config = UpsamplerConfig(input_size=32, scale=2, num_blocks=1, features=8, dtype="float32")
+  upsampler_dir = _save_upsampler(tmp_path / "upsampler", config)
+  out = tmp_path / "large"
+  entries = run(out, parti_run, trained_tokenizer, prompts_file, upsampler_dir=upsampler_dir)
+  plain, _ = first_run
+  assert len(entries) == 5
+  for entry in entries:
+    assert entry["upsampler_scale"] == 2 and len(entry["upsampled_files"]) == 1
+    small = np.asarray(Image.open(out / entry["files"][0]))
+    large = np.asarray(Image.open(out / entry["upsampled_files"][0]))
+    assert large.shape == (64, 64, 3)
+    # The tokenizer-size image is the one the run without an upsampler wrote.
+    assert small.tobytes() == np.asarray(Image.open(plain / entry["files"][0])).tobytes()
+  options = json.loads((out / infer.OPTIONS_FILE).read_text())
+  assert options["upsampler_step"] == 5
+  page = (out / infer.GALLERY).read_text()
+  assert page.count('class="small"') == 5 and entries[0]["upsampled_files"][0] in page
+  # A lost upsampled file makes its prompt unfinished: a rerun writes it again.
+  (out / entries[1]["upsampled_files"][0]).unlink()
+  redone = run(out, parti_run, trained_tokenizer, prompts_file, upsampler_dir=upsampler_dir)
+  assert [e["index"] for e in redone] == [1]
+  # FID and CLIP score read either size.
+  from parti import evaluate_images
+
+  paths, _ = evaluate_images._generated(str(out), upsampled=True)
+  assert [p.name for p in paths] == [pathlib.Path(e["upsampled_files"][0]).name for e in entries]
+  with pytest.raises(ConfigError, match="without an upsampled version"):
+    evaluate_images._generated(str(plain), upsampled=True)
+  # Another input size than the tokenizer's images, or no upsampler at all: refused.
+  other = _save_upsampler(tmp_path / "upsampler16", dataclasses.replace(config, input_size=16))
+  with pytest.raises(ConfigError, match="takes 16 px images, but the tokenizer makes 32 px"):
+    run(tmp_path / "e", parti_run, trained_tokenizer, prompts_file, upsampler_dir=other)
+  with pytest.raises(ConfigError, match="holds no trained upsampler"):
+    run(tmp_path / "f", parti_run, trained_tokenizer, prompts_file, upsampler_dir=str(tmp_path))

@@ -18,6 +18,7 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; }
 .card img { width: 100%; image-rendering: pixelated; display: block; margin-bottom: 4px; }
 .card img.given { outline: 2px dashed #888; }
+.card img.small { width: 25%; align-self: flex-start; }
 .row { display: flex; gap: 4px; }
 .prompt { font-size: 0.9em; margin: 6px 0 2px; }
 .meta { font-size: 0.75em; color: #777; }
@@ -30,13 +31,21 @@ def write_gallery(
   """Writes the page: one card per manifest entry (prompt, files, category, challenge, scores)."""
   cards = []
   for entry in entries:
-    # For image completion, the given image's kept rows come first, outlined.
+    # For image completion, the given image's kept rows come first, outlined. With an
+    # upsampler, each large image shows, its tokenizer-size original small beside it.
     prefix = entry.get("prefix_file")
+    shown = [(prefix, ' class="given" title="the given rows"')] if prefix else []
+    large = entry.get("upsampled_files") or []
+    for rank, name in enumerate(entry["files"]):
+      if rank < len(large):
+        shown.append((large[rank], f' title="upsampled {entry.get("upsampler_scale", "")}x"'))
+        shown.append((name, ' class="small" title="the tokenizer\'s size"'))
+      else:
+        shown.append((name, ""))
     images = "".join(
       f'<img src="{html.escape(name)}" alt="{html.escape(entry["prompt"])}" loading="lazy"'
-      + (' class="given" title="the given rows"' if name == prefix else "")
-      + ">"
-      for name in ([prefix] if prefix else []) + list(entry["files"])
+      f"{attributes}>"
+      for name, attributes in shown
     )
     meta = " · ".join(
       html.escape(str(value)) for value in (entry.get("category"), entry.get("challenge")) if value

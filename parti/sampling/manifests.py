@@ -20,6 +20,7 @@ def finished_prompts(output_dir: pathlib.Path) -> dict[str, dict]:
         entry = json.loads(line)
       except json.JSONDecodeError:
         continue  # A line torn by a kill: that prompt is generated again.
-      if all((output_dir / name).is_file() for name in entry.get("files", [])):
+      names = [*entry.get("files", []), *entry.get("upsampled_files", [])]
+      if all((output_dir / name).is_file() for name in names):
         done[entry.get("request", entry["prompt"])] = entry
   return done
