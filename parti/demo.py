@@ -13,6 +13,13 @@ Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are an
   6. infer      batch inference on held-out prompts               parti.infer
   7. evaluate   faithfulness over guidance, and learning curve    parti.evaluate_shapes
 
+`--long` adds, before inference, the super-resolution stage (it does not fit the
+short demo's 15-minute budget on a slow machine), and inference writes each image
+at 192 px beside the tokenizer's 48:
+
+  upsampler_data  the shapes at 192 px with 48 px twins            parti.tasks.prepare_shapes
+  upsampler       train the WDSR upsampler, 48 -> 192              parti.train_upsampler
+
 Each stage is a subprocess running `python -m MODULE --gin_file=... --gin.KEY=...`,
 the same command a TPU-pod user runs with bigger configs. A stage that finishes
 writes RUNS_DIR/STAGE.done; a rerun skips finished stages and resumes an
@@ -52,7 +59,7 @@ def run_demo(runs_dir: str, long: bool = False, only: Sequence[str] = ()) -> dic
   """Runs (or resumes) the stages; returns each stage's seconds in this invocation."""
   runs = pathlib.Path(runs_dir).absolute()
   runs.mkdir(parents=True, exist_ok=True)
-  plan = stages.demo_stages(runs)
+  plan = stages.demo_stages(runs, long)
   unknown = set(only) - {s.name for s in plan}
   if unknown:
     raise ConfigError(f"Unknown demo stages {sorted(unknown)}; they are {[s.name for s in plan]}.")

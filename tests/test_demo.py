@@ -16,8 +16,11 @@ from parti.runtime.errors import ConfigError
 
 
 def test_every_stage_runs_the_job_its_gin_file_names(tmp_path):
-  for stage in stages.demo_stages(tmp_path):
-    for long in (False, True):
+  assert len(stages.demo_stages(tmp_path)) == 7
+  long_plan = stages.demo_stages(tmp_path, long=True)
+  assert [s.name for s in long_plan][-4:] == ["upsampler_data", "upsampler", "infer", "evaluate"]
+  for long in (False, True):
+    for stage in stages.demo_stages(tmp_path, long):
       command = stage.command(long)
       gin_file = REPO_ROOT / command[3].removeprefix("--gin_file=")
       assert gin_file.is_file(), gin_file

@@ -28,24 +28,29 @@ class Stage:
   bindings: dict[str, str]
   has_long_variant: bool = False
   after: Callable[[], None] | None = None  # A check run once the job succeeds.
+  long_only: bool = False  # A stage of the long variant alone.
+  long_bindings: dict[str, str] = dataclasses.field(default_factory=dict)  # Added when long.
 
   def command(self, long: bool) -> list[str]:
     gin_file = self.gin_file
     if long and self.has_long_variant:
       gin_file = gin_file.replace(".gin", "_long.gin")
+    bindings = {**self.bindings, **(self.long_bindings if long else {})}
     return [
       sys.executable,
       "-m",
       self.module,
       f"--gin_file={gin_file}",
-      *(f"--gin.{key}={value}" for key, value in self.bindings.items()),
+      *(f"--gin.{key}={value}" for key, value in bindings.items()),
     ]
 
 
-def demo_stages(runs: pathlib.Path) -> list[Stage]:
-  """The demo's seven stages, writing under `runs`."""
+def demo_stages(runs: pathlib.Path, long: bool = False) -> list[Stage]:
+  """The demo's seven stages, writing under `runs`; nine for the long variant, whose
+  super-resolution stage (its data and training) fits its budget, not the short one's."""
   tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
-  return [
+  upsampler = runs / "upsampler"
+  plan = [
     Stage("data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)}),
     Stage(
       "vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")},
@@ -64,9 +69,18 @@ def demo_stages(runs: pathlib.Path) -> list[Stage]:
       {"MODEL_DIR": str(parti), "PRE_ENCODED_DIR": str(tokens)}, has_long_variant=True,
     ),
     Stage(
+      "upsampler_data", "parti.tasks.prepare_shapes", "gin/demo/upsampler_data.gin",
+      {"DATA_DIR": str(tfds)}, long_only=True,
+    ),
+    Stage(
+      "upsampler", "parti.train_upsampler", "gin/demo/upsampler.gin",
+      {"MODEL_DIR": str(upsampler), "TFDS_DATA_DIR": str(tfds)}, long_only=True,
+    ),
+    Stage(
       "infer", "parti.infer", "gin/demo/infer.gin",
       {"CHECKPOINT_DIR": str(parti), "TOKENIZER_DIR": str(tokenizer),
        "PROMPTS": str(runs / "held_out_prompts.txt"), "OUTPUT_DIR": str(runs / "infer")},
+      has_long_variant=True, long_bindings={"UPSAMPLER_DIR": str(upsampler)},
     ),
     Stage(
       "evaluate", "parti.evaluate_shapes", "gin/demo/evaluate.gin",
@@ -74,6 +88,7 @@ def demo_stages(runs: pathlib.Path) -> list[Stage]:
        "OUTPUT_DIR": str(runs / "evaluate")},
     ),
   ]  # fmt: skip
+  return [stage for stage in plan if long or not stage.long_only]
 
 
 def run_stages(
