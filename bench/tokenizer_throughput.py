@@ -7,12 +7,12 @@ tiny/tiny ViTs, 512 codes. small: 256x256, patch 8, Small/Small ViTs, 8192x32 co
 """
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
+from timing import best_time
 
 from parti.tokenizer import model
 from parti.tokenizer.config import TokenizerConfig
@@ -26,16 +26,6 @@ CONFIGS = {
   "tiny": dict(image_size=64, patch_size=4, encoder="tiny", decoder="tiny", codebook_size=512),
   "small": dict(image_size=256, patch_size=8, encoder="small", decoder="small", codebook_size=8192),
 }
-
-
-def best_time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def main(argv):
@@ -55,8 +45,10 @@ def main(argv):
     decode = jax.jit(functools.partial(vqgan.apply, method=model.VitVQGAN.decode))
     variables = {"params": params}
     ids = encode(variables, images)
-    encode_rate = _BATCH.value / best_time(encode, variables, images)
-    decode_rate = _BATCH.value / best_time(decode, variables, jnp.asarray(ids))
+    encode_rate = _BATCH.value / best_time(encode, variables, images, repeats=_REPEATS.value)
+    decode_rate = _BATCH.value / best_time(
+      decode, variables, jnp.asarray(ids), repeats=_REPEATS.value
+    )
     tokens = config.grid[0] * config.grid[1]
     print(f"{name:>7} {tokens:>7} {encode_rate:>13.1f} {decode_rate:>13.1f}")
 

@@ -10,11 +10,11 @@ count of the compiled forward pass. Compare the GFLOP/s against
 """
 
 import dataclasses
-import time
 
 import jax
 from absl import app, flags
 from flax import linen as nn
+from timing import best_time
 
 from parti.upsampling import model
 from parti.upsampling.config import PRESETS
@@ -23,16 +23,6 @@ _PRESETS = flags.DEFINE_list("presets", ["shapes_4x", "paper_2x", "paper_4x"], "
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls; the best is kept.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
-
-
-def best_time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def main(argv):
@@ -51,7 +41,7 @@ def main(argv):
     forward = jax.jit(lambda p, x, wdsr=wdsr: wdsr.apply({"params": p}, x))
     cost = forward.lower(params, images).compile().cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost)["flops"]) / _BATCH.value
-    seconds = best_time(forward, params, images)
+    seconds = best_time(forward, params, images, repeats=_REPEATS.value)
     rate = _BATCH.value / seconds
     print(f"| {name} | {side} -> {config.output_size} | {count / 1e6:.2f}M | {flops / 1e9:.1f} | "
           f"{rate:.2f} | {rate * flops / 1e9:.0f} |")  # fmt: skip

@@ -209,6 +209,13 @@ def batch_divisor(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in _BATCH]))
 
 
+def local_mesh() -> Mesh:
+  """A one-device mesh on this host's first device: where a library call (tokenizer,
+  upsampler) runs when given no mesh. Not jax.devices()[0], which on other hosts is not
+  addressable."""
+  return create_mesh(MeshConfig(), jax.local_devices()[:1])
+
+
 def pad_batch(array: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, int]:
   """(array padded to a multiple of the mesh's batch ways by repeating its last row, the
   original size): what a library call does with a batch that does not divide."""

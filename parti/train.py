@@ -171,17 +171,14 @@ def train(
   if tokenizer_params is not None:
     tokenizer_params = partitioning.replicate(tokenizer_params, device_mesh)
 
-  def dataset(split: str, epochs: int | None):
-    return input_pipeline.get_dataset(
-      mixture_or_task_name,
-      split=split,
-      task_feature_lengths=task_feature_lengths,
-      feature_converter=converter,
-      global_batch_size=batch_size,
-      shuffle=shuffle and epochs is None,
-      seed=seed,
-      num_epochs=epochs,
-    )
+  dataset = input_pipeline.split_reader(
+    mixture_or_task_name,
+    task_feature_lengths=task_feature_lengths,
+    feature_converter=converter,
+    global_batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+  )
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,

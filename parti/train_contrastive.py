@@ -81,17 +81,13 @@ def train_contrastive(
   trainer = ContrastiveTrainer(model, optim.adam(optimizer, num_steps))
   state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
 
-  def dataset(split: str, epochs: int | None):
-    return input_pipeline.get_dataset(
-      mixture_or_task_name,
-      split=split,
-      task_feature_lengths={"inputs": model.text_length, "image": model.image_size},
-      feature_converter=feature_converters.ImageTextFeatureConverter(),
-      global_batch_size=batch_size,
-      shuffle=epochs is None,
-      seed=seed,
-      num_epochs=epochs,
-    )
+  dataset = input_pipeline.split_reader(
+    mixture_or_task_name,
+    task_feature_lengths={"inputs": model.text_length, "image": model.image_size},
+    feature_converter=feature_converters.ImageTextFeatureConverter(),
+    global_batch_size=batch_size,
+    seed=seed,
+  )
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,

@@ -32,7 +32,7 @@ from parti import partitioning
 from parti.runtime import gin_utils
 from parti.runtime.errors import ConfigError
 from parti.tokenizer import vgg
-from parti.training import loop, optim
+from parti.training import gan, loop, optim
 from parti.upsampling import checkpoint_io, model
 from parti.upsampling import trainer as trainer_lib
 from parti.upsampling.config import PRESETS, UpsamplerConfig
@@ -120,18 +120,14 @@ def train(
   if "image" not in features:
     raise ConfigError(f"Task {task!r} yields no `image` feature (it has {sorted(features)}).")
 
-  def dataset(split: str, epochs: int | None):
-    return input_pipeline.get_dataset(
-      task,
-      split=split,
-      # seqio trims features to these lengths along their first axis; images keep theirs.
-      task_feature_lengths={name: 1 << 16 for name in features if name.startswith("image")},
-      feature_converter=seqio.PassThroughFeatureConverter(),
-      global_batch_size=batch_size,
-      shuffle=epochs is None,
-      seed=seed,
-      num_epochs=epochs,
-    )
+  dataset = input_pipeline.split_reader(
+    task,
+    # seqio trims features to these lengths along their first axis; images keep theirs.
+    task_feature_lengths={name: 1 << 16 for name in features if name.startswith("image")},
+    feature_converter=seqio.PassThroughFeatureConverter(),
+    global_batch_size=batch_size,
+    seed=seed,
+  )
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
@@ -176,7 +172,7 @@ def train(
 
   gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
-    step=loop.gan_schedule_step(
+    step=gan.gan_schedule_step(
       trainer.train_step, gan_start, state_shardings, (images, images), replicated
     ),
     next_batch=next_batch,

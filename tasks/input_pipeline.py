@@ -109,3 +109,31 @@ class ResumableIterator:
     if not tf.io.gfile.glob(f"{path}*"):
       raise FileNotFoundError(f"No input state for this host at {path}.")
     self._iterator.restore(path)
+
+
+def split_reader(
+  mixture_or_task_name: str,
+  *,
+  task_feature_lengths: Mapping[str, int],
+  feature_converter: seqio.FeatureConverter,
+  global_batch_size: int,
+  seed: int = 0,
+  shuffle: bool = True,
+):
+  """(split, epochs) -> `get_dataset` of that split: what a training job reads, with
+  epochs None for training (repeated, shuffled when `shuffle`) and a count for
+  evaluation (in order)."""
+
+  def read(split: str, epochs: int | None) -> tf.data.Dataset:
+    return get_dataset(
+      mixture_or_task_name,
+      split=split,
+      task_feature_lengths=task_feature_lengths,
+      feature_converter=feature_converter,
+      global_batch_size=global_batch_size,
+      shuffle=shuffle and epochs is None,
+      seed=seed,
+      num_epochs=epochs,
+    )
+
+  return read

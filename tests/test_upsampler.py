@@ -98,6 +98,12 @@ def test_configs_refuse_bad_fields(tmp_path):
   path.write_text(json.dumps({"input_size": 64, "colour": 1}))
   with pytest.raises(ConfigError, match="colour"):
     UpsamplerConfig.load(path)
+  path.write_text('{"input_size": 64,')  # A file cut short.
+  with pytest.raises(ConfigError, match="not valid JSON"):
+    UpsamplerConfig.load(path)
+  path.write_text("[64, 4]")
+  with pytest.raises(ConfigError, match="holds list"):
+    UpsamplerConfig.load(path)
   assert PRESETS["paper_4x"].output_size == 1024 and PRESETS["paper_2x"].output_size == 512
   assert PRESETS["shapes_4x"].output_size == 256
   with pytest.raises(ConfigError, match="paper_4x"):
@@ -195,3 +201,22 @@ def test_the_shapes_pairs_are_each_scene_rendered_at_both_sizes(pairs_task):
     high, low = (np.round(example[k] * 255).astype(np.uint8) for k in ("image", "image_low"))
     assert high.shape == (64, 64, 3) and low.shape == (16, 16, 3)
     assert twins[high.tobytes()] == low.tobytes()
+
+
+def test_the_adversarial_game_starts_on_its_step_and_perceptual_needs_weights(tmp_path, pairs_task):
+  from parti.upsampling.trainer import UpsamplerLossWeights
+
+  weights = UpsamplerLossWeights(adversarial=0.1, adversarial_start_step=1)
+  _train(
+    tmp_path / "gan", pairs_task + "_pairs", num_steps=2, loss_weights=weights, log_every=1,
+    eval_every=2, disc_channels=4,
+    disc_optimizer=optim.AdamConfig(learning_rate=1e-4, warmup_steps=1),
+  )  # fmt: skip
+  lines = [json.loads(x) for x in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
+  steps = {row["step"]: row for row in lines if "loss/total" in row}
+  assert "loss/discriminator" not in steps[1] and np.isfinite(steps[2]["loss/discriminator"])
+  assert steps[2]["loss/adversarial"] > 0
+  with pytest.raises(ConfigError, match="vgg_weights"):
+    _train(
+      tmp_path / "vgg", pairs_task + "_pairs", loss_weights=UpsamplerLossWeights(perceptual=0.1)
+    )

@@ -14,7 +14,6 @@ import pathlib
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 from parti import partitioning
 from parti.tokenizer import checkpoint_io, model
@@ -35,13 +34,11 @@ class ImageTokenizer:
     self.config = config
     self.step = step
     self._model = model.VitVQGAN(config)
-    # One of this host's devices: on other hosts jax.devices()[0] is not addressable.
-    self._mesh = mesh or partitioning.create_mesh(
-      partitioning.MeshConfig(), jax.local_devices()[:1]
-    )
+    self._mesh = mesh or partitioning.local_mesh()
     self._rules = rules
-    specs = nn.get_partition_spec(checkpoint_io.abstract_params(config))
-    self._param_shardings = nn.logical_to_mesh_sharding(specs, self._mesh, rules)
+    self._param_shardings = partitioning.tree_shardings(
+      self._mesh, checkpoint_io.abstract_params(config), rules
+    )
     self.params = partitioning.place(params, self._param_shardings)
     self._images = partitioning.logical_sharding(self._mesh, ("batch", None, None, None), rules)
     self._ids = partitioning.logical_sharding(self._mesh, ("batch", None, None), rules)

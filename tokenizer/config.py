@@ -7,9 +7,8 @@ Large decoder. `tiny` is for CPU tests and the demo.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
+from parti.runtime.config_files import JsonConfig
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
 
@@ -37,7 +36,7 @@ VIT_SIZES: dict[str, ViTSize] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(JsonConfig):
   """A ViT-VQGAN.
 
   Attributes:
@@ -93,17 +92,3 @@ class TokenizerConfig:
   @property
   def decoder_size(self) -> ViTSize:
     return VIT_SIZES[self.decoder]
-
-  def save(self, path: str | pathlib.Path) -> None:
-    from parti.runtime import files
-
-    files.atomic_write_json(path, dataclasses.asdict(self))
-
-  @classmethod
-  def load(cls, path: str | pathlib.Path) -> TokenizerConfig:
-    raw = json.loads(pathlib.Path(path).read_text())
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-      raise ConfigError(f"{path} has fields this version does not know: {sorted(unknown)}.")
-    return cls(**raw)

@@ -27,7 +27,7 @@ from parti.runtime.errors import ConfigError
 from parti.tokenizer import checkpoint_io, losses, vgg
 from parti.tokenizer import trainer as trainer_lib
 from parti.tokenizer.config import TokenizerConfig
-from parti.training import loop, optim
+from parti.training import gan, loop, optim
 
 CONFIG_FILE = checkpoint_io.CONFIG_FILE
 
@@ -120,17 +120,13 @@ def train(
       params=_load_start(init_from, config, state.params, state_shardings.params)
     )
 
-  def dataset(split: str, epochs: int | None):
-    return input_pipeline.get_dataset(
-      task,
-      split=split,
-      task_feature_lengths={"image": config.image_size},
-      feature_converter=seqio.PassThroughFeatureConverter(),
-      global_batch_size=batch_size,
-      shuffle=epochs is None,
-      seed=seed,
-      num_epochs=epochs,
-    )
+  dataset = input_pipeline.split_reader(
+    task,
+    task_feature_lengths={"image": config.image_size},
+    feature_converter=seqio.PassThroughFeatureConverter(),
+    global_batch_size=batch_size,
+    seed=seed,
+  )
 
   resumed = loop.resume(
     model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
@@ -157,7 +153,7 @@ def train(
 
   gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
-    step=loop.gan_schedule_step(
+    step=gan.gan_schedule_step(
       trainer.train_step, gan_start, state_shardings, batch_sharding, replicated
     ),
     next_batch=lambda: to_global(next(resumed.iterator)),

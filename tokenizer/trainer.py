@@ -14,6 +14,7 @@ import optax
 
 from parti.tokenizer import discriminator, losses, model, vgg
 from parti.tokenizer.config import TokenizerConfig
+from parti.training import gan
 
 
 @flax.struct.dataclass
@@ -104,14 +105,10 @@ class Trainer:
     )
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     if with_gan:
-      disc_loss, disc_grads = jax.value_and_grad(self._disc_loss)(
-        state.disc_params, images, jax.lax.stop_gradient(reconstruction)
-      )
-      disc_updates, disc_opt_state = self.disc_optimizer.update(
-        disc_grads, state.disc_opt_state, state.disc_params
-      )
-      disc_params = optax.apply_updates(state.disc_params, disc_updates)
-      metrics["loss/discriminator"] = disc_loss
+      disc_params, disc_opt_state, metrics["loss/discriminator"] = gan.discriminator_step(
+        self.disc, self.disc_optimizer, disc_params, disc_opt_state, images, reconstruction,
+        self.weights.gan_loss, self.weights.r1_gamma,
+      )  # fmt: skip
     counts = state.code_counts + jnp.bincount(ids.reshape(-1), length=self.config.codebook_size)
     state = state.replace(
       step=state.step + 1,
@@ -122,12 +119,6 @@ class Trainer:
       code_counts=counts,
     )
     return state, metrics
-
-  def _disc_loss(self, disc_params, real, fake):
-    return losses.discriminator_objective(
-      lambda x: self.disc.apply({"params": disc_params}, x),
-      real, fake, self.weights.gan_loss, self.weights.r1_gamma,
-    )  # fmt: skip
 
   def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
     """Moves codes unused since the last restart onto current encoder outputs.

@@ -8,9 +8,8 @@ The paper's other sizes, and tiny CPU sizes, are gin files in gin/models/.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
+from parti.runtime.config_files import JsonConfig
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
 
@@ -22,7 +21,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class PartiConfig:
+class PartiConfig(JsonConfig):
   """An encoder-decoder from text tokens to image tokens.
 
   Attributes:
@@ -126,18 +125,3 @@ class PartiConfig:
 
   def replace(self, **changes) -> PartiConfig:
     return dataclasses.replace(self, **changes)
-
-  def save(self, path: str | pathlib.Path) -> None:
-    from parti.runtime import files
-
-    files.atomic_write_json(path, dataclasses.asdict(self))
-
-  @classmethod
-  def load(cls, path: str | pathlib.Path) -> PartiConfig:
-    raw = json.loads(pathlib.Path(path).read_text())
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(raw) - known:
-      raise ConfigError(
-        f"{path} has fields this version does not know: {sorted(set(raw) - known)}."
-      )
-    return cls(**raw)

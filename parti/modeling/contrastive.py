@@ -16,7 +16,6 @@ tower independent of where the EOS falls after truncation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 
@@ -27,6 +26,7 @@ from flax import linen as nn
 
 from parti.modeling import layers
 from parti.modeling.layers import l2_normalize, patchify
+from parti.runtime.config_files import JsonConfig
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
 
@@ -35,7 +35,7 @@ _EMBED_INIT = nn.initializers.normal(0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class ContrastiveConfig:
+class ContrastiveConfig(JsonConfig):
   """Both towers' sizes; the defaults suit the 64x64 shapes.
 
   Attributes:
@@ -96,21 +96,12 @@ class ContrastiveConfig:
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
-  def save(self, path: str | pathlib.Path) -> None:
-    from parti.runtime import files
-
-    files.atomic_write_json(path, dataclasses.asdict(self))
-
   @classmethod
   def load(cls, path: str | pathlib.Path) -> ContrastiveConfig:
     path = pathlib.Path(path)
     if not path.is_file():
       raise ConfigError(f"{path.parent} is not a contrastive model run: {path} is missing.")
-    raw = json.loads(path.read_text())
-    unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ConfigError(f"{path} has fields this version does not know: {sorted(unknown)}.")
-    return cls(**raw)
+    return super().load(path)
 
 
 class DualEncoder(nn.Module):

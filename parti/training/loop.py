@@ -257,30 +257,6 @@ def run(
   return result
 
 
-def gan_schedule_step(
-  train_step: Callable, gan_start: int | None, state_shardings, batch_shardings, replicated
-) -> Callable:
-  """(step, state, batch) -> (state, metrics) for GAN-trained models (the tokenizer, the
-  upsampler): `train_step(state, batch, with_gan)` compiled twice, without the
-  adversarial terms before step `gan_start` and with them from it (None: never), each
-  jitted with the state donated."""
-
-  def jit_step(with_gan: bool):
-    return jax.jit(
-      lambda state, batch: train_step(state, batch, with_gan=with_gan),
-      in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
-    )
-
-  steps = {False: jit_step(False), True: jit_step(True)}
-
-  def step_fn(step: int, state, batch):
-    return steps[gan_start is not None and step >= gan_start](state, batch)
-
-  return step_fn
-
-
 def _log_step(
   hooks: Hooks, writer, checkpointer, step, metrics, rate: float | None, seconds: float
 ):

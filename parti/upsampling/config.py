@@ -11,15 +11,14 @@ stage 8.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
+from parti.runtime.config_files import JsonConfig
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
 
 
 @dataclasses.dataclass(frozen=True)
-class UpsamplerConfig:
+class UpsamplerConfig(JsonConfig):
   """A WDSR-B upsampler.
 
   Attributes:
@@ -63,20 +62,6 @@ class UpsamplerConfig:
   @property
   def low_rank_features(self) -> int:
     return max(1, round(self.features * self.low_rank))
-
-  def save(self, path: str | pathlib.Path) -> None:
-    from parti.runtime import files
-
-    files.atomic_write_json(path, dataclasses.asdict(self))
-
-  @classmethod
-  def load(cls, path: str | pathlib.Path) -> UpsamplerConfig:
-    raw = json.loads(pathlib.Path(path).read_text())
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-      raise ConfigError(f"{path} has fields this version does not know: {sorted(unknown)}.")
-    return cls(**raw)
 
 
 PRESETS: dict[str, UpsamplerConfig] = {

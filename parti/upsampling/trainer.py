@@ -18,6 +18,7 @@ import optax
 
 from parti.runtime.validation import check_types
 from parti.tokenizer import discriminator, losses, vgg
+from parti.training import gan
 from parti.upsampling import model
 from parti.upsampling.config import UpsamplerConfig
 
@@ -129,14 +130,10 @@ class Trainer:
     metrics["psnr"] = losses.psnr(upsampled, high)
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
     if with_gan:
-      disc_loss, disc_grads = jax.value_and_grad(self._disc_loss)(
-        state.disc_params, high, jax.lax.stop_gradient(upsampled)
-      )
-      disc_updates, disc_opt_state = self.disc_optimizer.update(
-        disc_grads, state.disc_opt_state, state.disc_params
-      )
-      disc_params = optax.apply_updates(state.disc_params, disc_updates)
-      metrics["loss/discriminator"] = disc_loss
+      disc_params, disc_opt_state, metrics["loss/discriminator"] = gan.discriminator_step(
+        self.disc, self.disc_optimizer, disc_params, disc_opt_state, high, upsampled,
+        self.weights.gan_loss, self.weights.r1_gamma,
+      )  # fmt: skip
     state = state.replace(
       step=state.step + 1,
       params=params,
@@ -145,12 +142,6 @@ class Trainer:
       disc_opt_state=disc_opt_state,
     )
     return state, metrics
-
-  def _disc_loss(self, disc_params, real, fake):
-    return losses.discriminator_objective(
-      lambda x: self.disc.apply({"params": disc_params}, x),
-      real, fake, self.weights.gan_loss, self.weights.r1_gamma,
-    )  # fmt: skip
 
   def eval_step(self, params, low, high):
     """(upsampled, PSNR of the upsampler, PSNR of bicubic interpolation) on whole images."""
