@@ -10,6 +10,9 @@ OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
   images/NNNNN_DIGEST_prefix.png  for image completion, the given image's rows kept
   images/NNNNN_DIGEST_K_xS.png  with an UPSAMPLER_DIR, sample K upsampled S times
                         (Parti's super-resolution stage); the manifest lists both
+  images/NNNNN_DIGEST_{input,mask,decoded}.png  for an edit, the image as the
+                        tokenizer reads it, the tokens redrawn (white), and the image
+                        decoded from its own codes (what the kept tokens show)
   manifest-HHHHH.jsonl  one line per finished prompt, per host: the prompt, its
                         category and challenge, seed, sampling options, checkpoint
                         step, scores and file names
@@ -27,7 +30,9 @@ prompt's seed is derived from its text, so its images do not depend on its
 place in the list or in a batch. Requests from a .jsonl file may set their own
 seed and guidance scale, and with `SamplingOptions.prefix_rows` > 0 each names an
 image whose top rows, encoded by the tokenizer, the model continues downward
-(image completion). Samples are ranked by a contrastive
+(image completion). A request with an image and a `mask`, `box` or `extend` is an
+edit (`parti.sampling.editing`): only the tokens of that region are redrawn, and the
+`samples` candidates are ranked by the likelihood of the whole sequence. Samples are ranked by a contrastive
 reranker's image-prompt similarity when `reranker_dir` names a
 `parti.train_contrastive` run (its CLIP-style score goes in the manifest and the
 report), else by their log-likelihood under the guided model.
@@ -56,7 +61,7 @@ from parti.modeling import checkpoint_io, contrastive
 from parti.runtime import files, gin_utils, metric_logging
 from parti.runtime import images as images_io
 from parti.runtime.errors import ConfigError
-from parti.sampling import manifests
+from parti.sampling import editing, manifests
 from parti.sampling.generation import (
   SamplingOptions,
   guidance_scale,
@@ -180,6 +185,7 @@ def infer(
     "%d prompts: %d already done in %s, %d to generate.",
     len(all_prompts), len(all_prompts) - len(todo), out, len(todo),
   )  # fmt: skip
+  edits = edit_tokens(todo, options, tok_config, tok_params, out)
   prefixes = prefix_tokens(todo, options, tok_config, tok_params, out)
   per_request_scales = any(p.guidance_scale is not None for p in all_prompts)
   generate = make_generator(
@@ -193,7 +199,7 @@ def infer(
   for number in range(num_batches):
     batch = todo[number * batch_size : (number + 1) * batch_size]
     mine = batch[jax.process_index() * per_host : (jax.process_index() + 1) * per_host]
-    inputs = host_inputs(mine or batch[-1:], per_host, encoder, options, prefixes)
+    inputs = host_inputs(mine or batch[-1:], per_host, encoder, options, prefixes, edits)
     images, log_likelihoods = generate(params, tok_params, *inputs)
     images, log_likelihoods = images[: len(mine)], log_likelihoods[: len(mine)]
     similarities = None
@@ -205,6 +211,7 @@ def infer(
       entry = _write_prompt(
         out, index, prompt, images[slot], log_likelihoods[slot],
         None if similarities is None else similarities[slot], options, step, upsampler,
+        edits.get(index) if edits else None,
       )  # fmt: skip
       with open(manifest, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
@@ -241,6 +248,46 @@ def load_upsampler(upsampler_dir: str | None, tok_config, mesh, rules):
   return upsampler
 
 
+def edit_tokens(todo, options: SamplingOptions, tok_config, tok_params, out) -> dict | None:
+  """Editing: prompt index -> its `editing.Edit` (the image's codes and which to redraw),
+  for the requests that name a region; None when there are none.
+
+  Every image and mask is read and checked before anything is generated, so a bad
+  request is refused up front, named. The input, the redrawn tokens' mask and the input
+  decoded from its own codes go to images/ for the gallery.
+
+  Raises:
+    ConfigError: a bad request (see `editing.prepare`), or edits asked together with
+      image completion or speculative Jacobi decoding.
+  """
+  requests = [(index, p) for index, p in todo if editing.is_edit(p)]
+  if not requests:
+    return None
+  if options.prefix_rows or options.jacobi_window:
+    raise ConfigError(
+      f"{requests[0][1].source} is an edit; edits run with prefix_rows and jacobi_window 0 "
+      f"(they are {options.prefix_rows} and {options.jacobi_window})."
+    )
+  from parti.tokenizer.api import ImageTokenizer
+
+  tokenizer = ImageTokenizer(tok_config, tok_params)  # On one of this host's devices.
+  edits = {
+    index: editing.prepare(prompt, tok_config, tokenizer.encode) for index, prompt in requests
+  }
+  if jax.process_index() == 0:
+    for index, prompt in requests:
+      edit = edits[index]
+      stem = _file_stem(index, prompt)
+      decoded = tokenizer.decode(edit.tokens.reshape(1, *tok_config.grid))[0]
+      for suffix, image in (
+        ("input", edit.image.astype(np.float32) / 255.0),
+        ("mask", np.repeat(edit.token_mask_image[..., None], 3, axis=-1).astype(np.float32)),
+        ("decoded", decoded),
+      ):
+        files.atomic_write_bytes(out / f"{stem}_{suffix}.png", images_io.png_bytes(image))
+  return edits
+
+
 def prefix_tokens(
   todo: Sequence[tuple[int, Prompt]], options: SamplingOptions, tok_config, tok_params, out
 ) -> dict[int, np.ndarray] | None:
@@ -251,7 +298,7 @@ def prefix_tokens(
   gallery. Every image is read before anything is generated, so a missing or
   unreadable one is refused up front, named, rather than hours into a run.
   """
-  with_image = [p for _, p in todo if p.image]
+  with_image = [p for _, p in todo if p.image and not editing.is_edit(p)]
   if not options.prefix_rows:
     if with_image:
       raise ConfigError(
@@ -304,7 +351,16 @@ def _file_stem(index: int, prompt: Prompt) -> str:
 
 
 def _write_prompt(
-  out, index, prompt, images, log_likelihoods, similarities, options, step, upsampler=None
+  out,
+  index,
+  prompt,
+  images,
+  log_likelihoods,
+  similarities,
+  options,
+  step,
+  upsampler=None,
+  edit=None,
 ):
   """Writes a prompt's best `keep` images (and, with an upsampler, their larger
   versions); returns its manifest entry.
@@ -345,7 +401,26 @@ def _write_prompt(
         "prefix_rows": options.prefix_rows,
         "prefix_file": f"{_file_stem(index, prompt)}_prefix.png",
       }
-      if prompt.image
+      if prompt.image and not edit
+      else {}
+    ),
+    **(
+      {
+        "edit": {
+          "image": prompt.image,
+          **{
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k in ("mask", "box", "extend")
+            if (v := getattr(prompt, k))
+          },
+          "redrawn_tokens": int(edit.redraw.sum()),
+          "kept_tokens": int((~edit.redraw).sum()),
+          "input_file": f"{_file_stem(index, prompt)}_input.png",
+          "mask_file": f"{_file_stem(index, prompt)}_mask.png",
+          "decoded_input_file": f"{_file_stem(index, prompt)}_decoded.png",
+        }
+      }
+      if edit
       else {}
     ),
     "checkpoint_step": step,

@@ -644,3 +644,29 @@ def test_an_upsampler_writes_each_kept_image_larger_beside_it(
     run(tmp_path / "e", parti_run, trained_tokenizer, prompts_file, upsampler_dir=other)
   with pytest.raises(ConfigError, match="holds no trained upsampler"):
     run(tmp_path / "f", parti_run, trained_tokenizer, prompts_file, upsampler_dir=str(tmp_path))
+
+
+def test_edit_requests_redraw_their_region_and_show_input_mask_and_decoding(
+  tmp_path, parti_run, trained_tokenizer
+):
+  Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "scene.png")
+  lines = [
+    {"prompt": "a red circle", "image": "scene.png", "box": [16, 0, 32, 16]},
+    {"prompt": "two blue squares"},  # Not an edit: generated whole, in the same batch.
+  ]
+  requests = tmp_path / "edits.jsonl"
+  requests.write_text("\n".join(json.dumps(x) for x in lines))
+  out = tmp_path / "out"
+  entries = run(out, parti_run, trained_tokenizer, requests)
+  edit, plain = sorted(entries, key=lambda e: e["index"])
+  assert "edit" not in plain and edit["edit"]["box"] == [16, 0, 32, 16]
+  assert edit["edit"]["redrawn_tokens"] == 4 and edit["edit"]["kept_tokens"] == 12
+  for key in ("input_file", "mask_file", "decoded_input_file"):
+    assert (out / edit["edit"][key]).is_file()
+  mask = np.asarray(Image.open(out / edit["edit"]["mask_file"]))
+  assert (mask[:16, 16:] == 255).all() and (mask[16:] == 0).all()
+  page = (out / infer.GALLERY).read_text()
+  assert edit["edit"]["input_file"] in page and edit["edit"]["mask_file"] in page
+  with pytest.raises(ConfigError, match="edits.jsonl:1 is an edit; edits run with prefix_rows"):
+    run(tmp_path / "o2", parti_run, trained_tokenizer, requests,
+        options=dataclasses.replace(OPTIONS, prefix_rows=1))  # fmt: skip

@@ -35,6 +35,12 @@ def write_gallery(
     # upsampler, each large image shows, its tokenizer-size original small beside it.
     prefix = entry.get("prefix_file")
     shown = [(prefix, ' class="given" title="the given rows"')] if prefix else []
+    # An edit shows its input, the tokens redrawn and the input's own decoding first.
+    edit = entry.get("edit") or {}
+    for key, title in (("input_file", "the input"), ("mask_file", "redrawn (white)"),
+                       ("decoded_input_file", "the input, decoded from its codes")):  # fmt: skip
+      if edit.get(key):
+        shown.append((edit[key], f' class="given" title="{title}"'))
     large = entry.get("upsampled_files") or []
     for rank, name in enumerate(entry["files"]):
       if rank < len(large):

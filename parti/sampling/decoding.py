@@ -167,6 +167,7 @@ def sample(
   top_p: float = 1.0,
   guidance_scale: float | jax.Array = 1.0,
   prefix: jax.Array | None = None,
+  keep: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Samples image tokens and their log-probabilities under the (guided) model.
 
@@ -183,6 +184,10 @@ def sample(
     guidance_scale: classifier-free guidance, a float or one per example [B].
     prefix: image tokens [B, k] to continue from (the top rows of an image, say):
       they are fed, not sampled, and the returned tokens start with them.
+    keep: editing: (tokens [B, image_length], kept [B, image_length] bool). Where
+      `kept`, the token is fed as given instead of sampled (teacher-forced), so only
+      the others are drawn; their log-probabilities are still returned, so that the
+      sum scores the whole sequence, the kept tokens after an edit included.
 
   Returns:
     (tokens [B, image_length] int32, log_probs [B, image_length]): each token's
@@ -197,6 +202,8 @@ def sample(
   known = 0 if prefix is None else prefix.shape[1]
   if known >= config.image_length:
     raise ValueError(f"A prefix of {known} tokens leaves nothing of {config.image_length}.")
+  if keep is not None:
+    keep = (jnp.asarray(keep[0], jnp.int32), jnp.asarray(keep[1], bool))
   # One uniform per example and position, drawn up front (see `invert_cdf`).
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (config.image_length,)))(
     example_keys(rng, batch)
@@ -204,8 +211,12 @@ def sample(
 
   def choose(logits, position):
     if temperature == 0:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return invert_cdf(filter_logits(logits / temperature, top_k, top_p), uniforms[:, position])
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      token = invert_cdf(filter_logits(logits / temperature, top_k, top_p), uniforms[:, position])
+    if keep is not None:
+      token = jnp.where(keep[1][:, position], keep[0][:, position], token)
+    return token
 
   mask, first, prefill, cache = prefill_cache(model, params, guidance, encoder_input_tokens, prefix)
 

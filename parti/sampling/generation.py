@@ -94,11 +94,14 @@ def host_inputs(
   encoder,
   options: SamplingOptions,
   prefixes: dict[int, np.ndarray] | None = None,
+  edits: dict | None = None,
 ):
   """This host's rows (per_host * samples): text [rows, T], seeds [rows, 2], guidance
-  scales [rows] and image prefixes [rows, k] (k = 0 without completion). Padding rows
-  repeat the last prompt (their outputs are dropped); a host with no prompt left in
-  the last batch is given one of another host's, to pad with."""
+  scales [rows], image prefixes [rows, k] (k = 0 without completion), and for editing
+  each row's image tokens and which of them to keep [rows, N] (N = 0 without edits;
+  a prompt that is not an edit keeps none). Padding rows repeat the last prompt (their
+  outputs are dropped); a host with no prompt left in the last batch is given one of
+  another host's, to pad with."""
   padded = list(mine) + [mine[-1]] * (per_host - len(mine))
   rows = [(index, p, sample) for index, p in padded for sample in range(options.samples)]
   text = np.stack([encoder.encode(p) for _, p, _ in rows])
@@ -109,7 +112,16 @@ def host_inputs(
     if prefixes
     else np.zeros((len(rows), 0), np.int32)
   )
-  return text, seeds, scales, prefix
+  kept = np.zeros((len(rows), 0), np.int32)
+  keep = np.zeros((len(rows), 0), bool)
+  if edits:
+    length = len(next(iter(edits.values())).tokens)
+    kept = np.zeros((len(rows), length), np.int32)
+    keep = np.zeros((len(rows), length), bool)
+    for row, (index, _, _) in enumerate(rows):
+      if index in edits:
+        kept[row], keep[row] = edits[index].tokens, ~edits[index].redraw
+  return text, seeds, scales, prefix, kept, keep
 
 
 def make_generator(
@@ -136,7 +148,7 @@ def make_generator(
   rows_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def generate(params, tok_params, text, seeds, scales, prefix):
+  def generate(params, tok_params, text, seeds, scales, prefix, kept, keep):
     keys = jax.vmap(
       lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s[0]), s[1])
     )(seeds)
@@ -145,7 +157,11 @@ def make_generator(
       guidance_scale=scales if per_request_scales else options.guidance_scale,
       prefix=prefix if prefix.shape[1] else None,
     )  # fmt: skip
-    if options.jacobi_window:
+    if keep.shape[1]:
+      if options.jacobi_window:
+        raise ConfigError("Edits decode with the standard sampler: set jacobi_window to 0.")
+      tokens, log_probs = decoding.sample(config, params, text, keys, keep=(kept, keep), **sampling)
+    elif options.jacobi_window:
       tokens, log_probs, _ = jacobi.sample(
         config, params, text, keys, window=options.jacobi_window, **sampling
       )
@@ -157,7 +173,7 @@ def make_generator(
 
   jitted = jax.jit(
     generate,
-    in_shardings=(param_shardings, replicated, *[rows_sharding] * 4),
+    in_shardings=(param_shardings, replicated, *[rows_sharding] * 6),
     out_shardings=(rows_sharding, rows_sharding),
   )
 

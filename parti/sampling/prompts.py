@@ -13,6 +13,10 @@ the file's folder), for example
 
     {"prompt": "a red circle", "seed": 7, "guidance_scale": 2.0, "image": "photo.png"}
 
+or to edit, with the region to redraw as a "mask" (a PNG of the image's size, white
+where to redraw), a "box" [x0, y0, x1, y1] in pixels, or an "extend" [top, right,
+bottom, left] of pixels to add around it (outpainting); see `parti.sampling.editing`.
+
 Bad input has a defined outcome, each logged with where it came from: blank
 prompts are skipped, bytes that are not UTF-8 are replaced, a request seen
 before is generated once, and a prompt longer than the text length is truncated
@@ -47,7 +51,8 @@ class Prompt:
   """One request to generate for; `source` says where it came from (file:line).
 
   `seed` and `guidance_scale` override the run's for this request (None: the
-  run's); `image` is an image file whose top rows the request continues.
+  run's); `image` is an image file whose top rows the request continues, or which it
+  edits in the region its `mask`, `box` or `extend` names (`parti.sampling.editing`).
   """
 
   text: str
@@ -57,11 +62,18 @@ class Prompt:
   seed: int | None = None
   guidance_scale: float | None = None
   image: str = ""
+  mask: str = ""
+  box: tuple[int, ...] | None = None
+  extend: tuple[int, ...] | None = None
 
   @property
   def key(self) -> str:
     """What makes two requests the same: the text, and any per-request option."""
-    options = {"seed": self.seed, "guidance_scale": self.guidance_scale, "image": self.image}
+    options = {
+      "seed": self.seed, "guidance_scale": self.guidance_scale, "image": self.image,
+      "mask": self.mask, "box": self.box and list(self.box),
+      "extend": self.extend and list(self.extend),
+    }  # fmt: skip
     options = {k: v for k, v in options.items() if v not in (None, "")}
     return self.text if not options else json.dumps({"prompt": self.text, **options})
 
@@ -130,9 +142,9 @@ def _text_file_prompts(path: pathlib.Path) -> list[Prompt]:
 
 _REQUEST_FIELDS = {
   "prompt": str, "category": str, "challenge": str, "seed": int, "guidance_scale": float,
-  "image": str,
+  "image": str, "mask": str, "box": list, "extend": list,
 }  # fmt: skip
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number"}
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "4 integers"}
 
 
 def _is_a(value, kind: type) -> bool:
@@ -142,6 +154,12 @@ def _is_a(value, kind: type) -> bool:
     return True
   if isinstance(value, bool):
     return kind is bool
+  if kind is list:  # Four pixel counts: a box or an extension.
+    return (
+      isinstance(value, list)
+      and len(value) == 4
+      and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
   return isinstance(value, (int, float) if kind is float else kind)
 
 
@@ -180,6 +198,12 @@ def _request_file_prompts(path: pathlib.Path, image_root: str | None = None) -> 
     image = request.get("image")
     if image:
       image = _image_under(roots, path.parent / image, where)
+    mask = request.get("mask")
+    if mask:
+      mask = _image_under(roots, path.parent / mask, where)
+    regions = [name for name in ("mask", "box", "extend") if request.get(name)]
+    if regions and not image:
+      raise ConfigError(f"{where}: {regions[0]!r} names a region to edit, but there is no 'image'.")
     prompts.append(
       Prompt(
         text,
@@ -189,6 +213,9 @@ def _request_file_prompts(path: pathlib.Path, image_root: str | None = None) -> 
         seed=seed,
         guidance_scale=None if scale is None else float(scale),
         image=image or "",
+        mask=mask or "",
+        box=tuple(request["box"]) if request.get("box") else None,
+        extend=tuple(request["extend"]) if request.get("extend") else None,
       )
     )
   return prompts
