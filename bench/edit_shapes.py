@@ -1,0 +1,175 @@
+"""Editing on the shapes: zero-shot edits against the naive baseline, per edit kind.
+
+    python bench/edit_shapes.py --checkpoint_dir=runs/demo/parti --tokenizer_dir=runs/demo/tokenizer
+      [--examples=100] [--samples=8] [--figure=docs/images/edits.png]
+
+For each kind of `parti.tasks.shapes.edits` (recolor, reshape, remove, add, outpaint),
+--examples tasks are written as real edit requests (the source image, and a mask PNG
+of the cells to redraw, or an `extend` for outpainting) and prepared by
+`parti.sampling.editing`, as the inference job prepares them. Each is sampled
+--samples times with the kept tokens fed as given, then:
+
+  zero-shot  the candidate whose whole sequence (kept suffix included) is likeliest
+  naive      the first candidate: the masked tokens resampled from the prefix alone
+  prefix-best  of the candidates, the likeliest up to the last redrawn token (the
+             suffix ignored, with as many samples as zero-shot)
+
+Each is scored by the shapes evaluator against the target scene (success), checked for
+the target's objects outside the redrawn cells (preservation), and for its kept tokens
+being the source's own (token preservation). For reference, the model's own
+generation from the same prompts, with the same samples ranked by likelihood.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from parti import partitioning
+from parti.modeling import checkpoint_io
+from parti.sampling import decoding, editing
+from parti.sampling.prompts import Prompt, PromptEncoder
+from parti.tasks.shapes import edits, evaluate
+from parti.tokenizer import checkpoint_io as tokenizer_io
+from parti.tokenizer.api import ImageTokenizer
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint_dir", "runs/demo/parti", "A parti.train run.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_dir", "runs/demo/tokenizer", "Its tokenizer's run.")
+_EXAMPLES = flags.DEFINE_integer("examples", 100, "Edit tasks per kind.")
+_SAMPLES = flags.DEFINE_integer("samples", 8, "Candidates per edit.")
+_SCALE = flags.DEFINE_float("guidance_scale", 2.0, "Classifier-free guidance.")
+_TOP_K = flags.DEFINE_integer("top_k", 64, "Sample among the k likeliest codes.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks and the samples.")
+_KINDS = flags.DEFINE_list("kinds", list(edits.KINDS), "Edit kinds to run.")
+_FIGURE = flags.DEFINE_string("figure", "", "Where to write input, mask and edit per kind.")
+
+
+def requests(kind: str, folder: pathlib.Path, size: int) -> list[tuple[edits.EditTask, Prompt]]:
+  """The kind's tasks as edit requests with their files in `folder`."""
+  out = []
+  for index in range(_EXAMPLES.value):
+    task = edits.make_task(_SEED.value, kind, index)
+    image = folder / f"{kind}_{index}.png"
+    Image.fromarray(task.source_image(size)).save(image)
+    fields = {"image": str(image), "source": f"{kind} task {index}"}
+    if task.crop:
+      fields["extend"] = task.extend(size)
+    else:
+      mask = folder / f"{kind}_{index}_mask.png"
+      Image.fromarray((task.pixel_box(size) * 255).astype(np.uint8)).save(mask)
+      fields["mask"] = str(mask)
+    out.append((task, Prompt(task.target.caption, **fields)))
+  return out
+
+
+def main(argv):
+  del argv
+  mesh = partitioning.local_mesh()
+  rules = partitioning.RULE_SETS["data_parallel"]
+  config, params, _, step = checkpoint_io.load_params(_CHECKPOINT.value, mesh, rules)
+  tok_config, tok_params, _ = tokenizer_io.load_for_model(_TOKENIZER.value, config)
+  tokenizer = ImageTokenizer(tok_config, tok_params)
+  encoder = PromptEncoder(config.text_length)
+  samples, length = _SAMPLES.value, config.image_length
+  sample = jax.jit(
+    lambda p, text, keys, kept, keep: decoding.sample(
+      config, p, text, keys, guidance_scale=_SCALE.value, top_k=_TOP_K.value,
+      keep=(kept, keep),
+    )
+  )  # fmt: skip
+  print(f"Parti {_CHECKPOINT.value} step {step}; {_EXAMPLES.value} tasks per kind, {samples} "
+        f"samples each, guidance {_SCALE.value}, top-k {_TOP_K.value}")  # fmt: skip
+  header = ("| kind | tasks | zero-shot success | naive success | prefix-best success | "
+            "generation (no edit) | preservation (zero-shot) | token preservation | s / edit |")  # fmt: skip
+  rows, shown = [header, "|---" * 9 + "|"], {}
+  with tempfile.TemporaryDirectory() as folder:
+    for kind in _KINDS.value:
+      pairs = requests(kind, pathlib.Path(folder), tok_config.image_size)
+      prepared = [editing.prepare(prompt, tok_config, tokenizer.encode) for _, prompt in pairs]
+      text = np.repeat(np.stack([encoder.encode(p) for _, p in pairs]), samples, axis=0)
+      kept = np.repeat(np.stack([e.tokens for e in prepared]), samples, axis=0)
+      keep = np.repeat(np.stack([~e.redraw for e in prepared]), samples, axis=0)
+      keys = jax.random.split(jax.random.fold_in(jax.random.key(_SEED.value), len(kind)), len(text))
+      sample(params, text, keys, kept, keep)  # Compiles.
+      start = time.perf_counter()
+      tokens, log_probs = jax.block_until_ready(sample(params, text, keys, kept, keep))
+      seconds = (time.perf_counter() - start) / len(pairs)
+      generated, generated_lp = sample(params, text, keys, kept, jnp.zeros_like(keep))
+      tokens = np.asarray(tokens).reshape(len(pairs), samples, length)
+      log_probs = np.asarray(log_probs).reshape(len(pairs), samples, length)
+      last = np.array([np.flatnonzero(e.redraw).max() for e in prepared])
+      upto = np.arange(length)[None, None, :] <= last[:, None, None]
+      picks = {
+        "zero-shot": log_probs.sum(-1).argmax(-1),
+        "naive": np.zeros(len(pairs), int),
+        "prefix-best": np.where(upto, log_probs, 0).sum(-1).argmax(-1),
+      }
+      success, preserved, token_preserved = {}, 0, 0
+      for name, pick in picks.items():
+        chosen = tokens[np.arange(len(pairs)), pick]
+        images = tokenizer.decode(chosen.reshape(-1, *tok_config.grid))
+        images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+        scores = [
+          evaluate.score(img, t.target)["all"] for img, (t, _) in zip(images, pairs, strict=True)
+        ]
+        success[name] = float(np.mean(scores))
+        if name == "zero-shot":
+          preserved = np.mean(
+            [edits.preserved(img, t) for img, (t, _) in zip(images, pairs, strict=True)]
+          )
+          token_preserved = np.mean(
+            [
+              np.array_equal(c[~e.redraw], e.tokens[~e.redraw])
+              for c, e in zip(chosen, prepared, strict=True)
+            ]
+          )
+          shown[kind] = (prepared[0], images[0])
+      generated = np.asarray(generated).reshape(len(pairs), samples, length)
+      best = np.asarray(generated_lp).reshape(len(pairs), samples, length).sum(-1).argmax(-1)
+      own = tokenizer.decode(generated[np.arange(len(pairs)), best].reshape(-1, *tok_config.grid))
+      own = np.round(np.clip(own, 0, 1) * 255).astype(np.uint8)
+      generation = np.mean(
+        [evaluate.score(img, t.target)["all"] for img, (t, _) in zip(own, pairs, strict=True)]
+      )
+      rows.append(
+        f"| {kind} | {len(pairs)} | {success['zero-shot']:.1%} | {success['naive']:.1%} | "
+        f"{success['prefix-best']:.1%} | {generation:.1%} | {preserved:.1%} | "
+        f"{token_preserved:.1%} | {seconds:.3f} |"
+      )
+      print(rows[-1], flush=True)
+  print("\n".join(rows))
+  if _FIGURE.value:
+    write_figure(pathlib.Path(_FIGURE.value), shown)
+
+
+def write_figure(path: pathlib.Path, shown: dict) -> None:
+  """A row per kind: input, redrawn tokens (white), the zero-shot edit; enlarged 3x."""
+  from PIL import ImageDraw
+
+  side = next(iter(shown.values()))[0].image.shape[0] * 3
+  label = 70
+  canvas = Image.new("RGB", (label + 3 * (side + 6), len(shown) * (side + 6) + 16), "white")
+  draw = ImageDraw.Draw(canvas)
+  for col, name in enumerate(("input", "redrawn", "edit")):
+    draw.text((label + col * (side + 6) + 2, 2), name, fill="black")
+  for row, (kind, (edit, image)) in enumerate(shown.items()):
+    top = 16 + row * (side + 6)
+    draw.text((2, top + side // 2), kind, fill="black")
+    mask = np.repeat(edit.token_mask_image[..., None] * 255, 3, axis=-1).astype(np.uint8)
+    for col, tile in enumerate((edit.image, mask, image)):
+      big = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)
+      canvas.paste(big, (label + col * (side + 6), top))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
