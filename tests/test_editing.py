@@ -100,7 +100,7 @@ def test_bad_edit_requests_are_refused_by_name(tmp_path):
     prompt = Prompt("x", image=image, source="requests.jsonl:7", **fields)
     with pytest.raises(ConfigError, match=f"requests.jsonl:7.*{message}"):
       editing.prepare(prompt, TOKENIZER, _encode)
-  with pytest.raises(ConfigError, match="requests.jsonl:7: image .* cannot be read"):
+  with pytest.raises(ConfigError, match=r"requests\.jsonl:7: image .* cannot be read"):
     editing.prepare(
       Prompt("x", image=str(tmp_path / "broken.png"), box=(0, 0, 8, 8), source="requests.jsonl:7"),
       TOKENIZER, _encode,
@@ -139,10 +139,13 @@ def test_shapes_edit_tasks_are_repeatable_and_consistent(kind):
     target = render.render(task.target, 48)
     assert evaluate.score(target, task.target)["all"] or task.kind == "reshape"
     assert edits.preserved(target, task)
+
     # Outside the cells to redraw, source and target are the same scene.
-    outside = lambda scene: sorted(  # noqa: E731
-      (o.color, o.shape, o.position) for o in scene.objects if o.position not in task.cells
-    )
+    def outside(scene, cells=task.cells):
+      return sorted(
+        (o.color, o.shape, o.position) for o in scene.objects if o.position not in cells
+      )
+
     assert outside(task.source) == outside(task.target)
     changed = [o for o in task.target.objects if o.position in task.cells]
     assert changed or kind == "remove"

@@ -667,6 +667,6 @@ def test_edit_requests_redraw_their_region_and_show_input_mask_and_decoding(
   assert (mask[:16, 16:] == 255).all() and (mask[16:] == 0).all()
   page = (out / infer.GALLERY).read_text()
   assert edit["edit"]["input_file"] in page and edit["edit"]["mask_file"] in page
-  with pytest.raises(ConfigError, match="edits.jsonl:1 is an edit; edits run with prefix_rows"):
+  with pytest.raises(ConfigError, match=r"edits\.jsonl:1 is an edit; edits run with prefix_rows"):
     run(tmp_path / "o2", parti_run, trained_tokenizer, requests,
         options=dataclasses.replace(OPTIONS, prefix_rows=1))  # fmt: skip
