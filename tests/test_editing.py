@@ -152,3 +152,33 @@ def test_shapes_edit_tasks_are_repeatable_and_consistent(kind):
     if task.crop:
       assert task.source_image(48).shape[:2] != (48, 48)
       assert sum(task.extend(48)) == 16
+
+
+def test_refining_one_token_finds_the_likeliest_whole_sequence():
+  config = tiny_run_config()
+  params = jax.jit(lambda: init_params(config, jax.random.key(0)))()
+  text = np.ones((2, config.text_length), np.int32)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, config.image_vocab_size, (2, config.image_length)).astype(np.int32)
+  redraw = np.zeros_like(tokens, bool)
+  redraw[0, 6], redraw[1, 11] = True, True
+  refined, scores = jax.jit(
+    lambda p, t, x, r: editing.refine(config, p, t, x, r, guidance_scale=2.0, top_k=0)
+  )(params, text, tokens, redraw)
+  refined = np.asarray(refined)
+  np.testing.assert_array_equal(refined[~redraw], tokens[~redraw])
+  for row, position in ((0, 6), (1, 11)):
+    # Every code at that position, scored by the whole sequence: refine chose the best.
+    candidates = np.repeat(tokens[row : row + 1], config.image_vocab_size, axis=0)
+    candidates[:, position] = np.arange(config.image_vocab_size)
+    likelihood = editing.sequence_log_likelihood(
+      config, params, np.repeat(text[:1], len(candidates), axis=0), candidates, 2.0
+    )
+    assert refined[row, position] == int(np.argmax(likelihood))
+    assert float(scores[row]) == pytest.approx(float(np.max(likelihood)), abs=1e-3)
+  # The uncached score is the cached sampler's: feeding every token gives the same sum.
+  _, cached = decoding.sample(
+    config, params, text, jax.random.key(0), guidance_scale=2.0,
+    keep=(refined, np.ones_like(redraw)),
+  )  # fmt: skip
+  np.testing.assert_allclose(np.asarray(cached).sum(-1), np.asarray(scores), atol=1e-3)

@@ -29,9 +29,13 @@ import dataclasses
 import math
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from parti.modeling.model import Parti
 from parti.runtime.errors import ConfigError
+from parti.sampling import decoding
 
 # The canvas's value where outpainting adds pixels (redrawn anyway; mid-gray decodes
 # to the most neutral codes).
@@ -154,3 +158,77 @@ def prepare(prompt, tok_config, encode) -> Edit:
     )
   tokens = np.asarray(encode(image[None]))[0].reshape(-1).astype(np.int32)
   return Edit(image, pixel_mask, tokens, redraw)
+
+
+def teacher_forced_logits(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
+  """[B * repeat, N, V] guided logits of each position given the text and the tokens
+  before it, in one teacher-forced pass (no cache). `text` is [B, T] and `tokens`
+  [B * repeat, N]: each text scores `repeat` consecutive token rows, and is encoded once.
+  Jittable."""
+  params, config = decoding.unstack_layers(params, config)
+  model = Parti(config)
+  rows = tokens.shape[0]
+  text_guidance = decoding.Guidance(guidance_scale, text.shape[0])
+  encoded, mask = model.apply(
+    {"params": params}, text_guidance.doubled(text), null=text_guidance.null, method=Parti.encode
+  )
+  if repeat > 1:  # Each half (conditional, null) of the doubled batch, repeated in place.
+    encoded, mask = (jnp.repeat(x, repeat, axis=0) for x in (encoded, mask))
+  scale = jnp.repeat(jnp.broadcast_to(jnp.asarray(guidance_scale), (text.shape[0],)), repeat)
+  guidance = decoding.Guidance(guidance_scale if not text_guidance.on else scale, rows)
+  bos = jnp.full((rows, 1), config.bos_id, jnp.int32)
+  inputs = jnp.concatenate([bos, tokens[:, :-1]], axis=1)
+  logits = model.apply(
+    {"params": params}, guidance.doubled(inputs), encoded, mask, method=Parti.decode
+  )
+  return guidance.guide(logits)
+
+
+def sequence_log_likelihood(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
+  """[B * repeat] log-likelihood of each whole token sequence under the guided model (see
+  `teacher_forced_logits` for `repeat`)."""
+  logits = teacher_forced_logits(config, params, text, tokens, guidance_scale, repeat)
+  return decoding.log_prob(logits, tokens).sum(-1)
+
+
+def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64, sweeps=1):
+  """Iterated conditional modes over the redrawn tokens: at each redrawn position in
+  raster order (`sweeps` times), the token becomes the one, of the `top_k` codes likeliest
+  there given the tokens before it, that makes the whole sequence likeliest given
+  everything else, the kept tokens after it included. For a single redrawn token one
+  sweep is the exact best filling within those codes, where sampled candidates find it
+  only by chance. Positions with nothing to redraw are skipped. Jittable.
+
+  Args:
+    config: the model.
+    params: its parameters.
+    text: [B, T] text tokens.
+    tokens: [B, N] a filling to start from (the best sample, say).
+    redraw: [B, N] bool, the tokens that may change.
+    guidance_scale: classifier-free guidance, as the candidates were sampled with.
+    top_k: codes tried at each position (0: all).
+    sweeps: passes over the redrawn positions.
+
+  Returns:
+    ([B, N] tokens, [B] their whole-sequence log-likelihood).
+  """
+  batch, length = tokens.shape
+  k = min(top_k or config.image_vocab_size, config.image_vocab_size)
+  redraw = jnp.asarray(redraw, bool)
+
+  def visit(position, tokens):
+    def improve(tokens):
+      logits = teacher_forced_logits(config, params, text, tokens, guidance_scale)
+      codes = jax.lax.top_k(jnp.take(logits, position, axis=1), k)[1]  # [B, k]
+      here = jnp.arange(length) == position
+      candidates = jnp.where(here, codes[..., None], tokens[:, None, :]).reshape(-1, length)
+      scores = sequence_log_likelihood(config, params, text, candidates, guidance_scale, k)
+      best = jnp.take_along_axis(codes, scores.reshape(batch, k).argmax(-1)[:, None], 1)
+      return jnp.where(here & redraw, best, tokens)
+
+    return jax.lax.cond(redraw[:, position].any(), improve, lambda t: t, tokens)
+
+  tokens = jnp.asarray(tokens, jnp.int32)
+  for _ in range(sweeps):
+    tokens = jax.lax.fori_loop(0, length, visit, tokens)
+  return tokens, sequence_log_likelihood(config, params, text, tokens, guidance_scale)
