@@ -101,7 +101,8 @@ def main(argv):
         f"samples each, guidance {_SCALE.value}, top-k {_TOP_K.value}, {_SWEEPS.value} sweeps")  # fmt: skip
   header = (
     "| kind | tasks | zero-shot | refined | naive | prefix-best | generation (no edit) | "
-    "preservation (zero-shot / refined) | token preservation | s / edit (zero-shot / refined) |"
+    "preservation (zero-shot / refined / the input's own decoding) | token preservation | "
+    "s / edit (zero-shot / refined) |"
   )
   rows, shown = [header, "|---" * 10 + "|"], {}
   with tempfile.TemporaryDirectory() as folder:
@@ -140,6 +141,7 @@ def main(argv):
       generated = np.asarray(generated).reshape(len(pairs), samples, length)
       best = np.asarray(generated_lp).reshape(len(pairs), samples, length).sum(-1).argmax(-1)
       chosen["generation"] = generated[np.arange(len(pairs)), best]
+      chosen["input decoded"] = np.stack([e.tokens for e in prepared])
       images = {
         name: to_uint8(tokenizer.decode(t.reshape(-1, *tok_config.grid)))
         for name, t in chosen.items()
@@ -150,18 +152,24 @@ def main(argv):
       }
       preserved = {
         name: np.mean([edits.preserved(i, t) for i, t in zip(images[name], tasks, strict=True)])
-        for name in ("zero-shot", "refined")
+        for name in ("zero-shot", "refined", "input decoded")
       }
       token_preserved = min(
         np.mean([np.array_equal(c[~r], e.tokens[~r]) for c, r, e in
                  zip(chosen[name], redraw, prepared, strict=True)])
         for name in ("zero-shot", "refined", "naive", "prefix-best")
       )  # fmt: skip
-      shown[kind] = (prepared[0], images["refined"][0])
+      # The first task the refined edit got right (the table has the rates).
+      right = [
+        i for i, t in enumerate(tasks) if evaluate.score(images["refined"][i], t.target)["all"]
+      ]
+      first = right[0] if right else 0
+      shown[kind] = (prepared[first], images["refined"][first], tasks[first].target.caption)
       rows.append(
         f"| {kind} | {len(pairs)} | {success['zero-shot']:.1%} | {success['refined']:.1%} | "
         f"{success['naive']:.1%} | {success['prefix-best']:.1%} | {success['generation']:.1%} | "
-        f"{preserved['zero-shot']:.1%} / {preserved['refined']:.1%} | {token_preserved:.1%} | "
+        f"{preserved['zero-shot']:.1%} / {preserved['refined']:.1%} / "
+        f"{preserved['input decoded']:.1%} | {token_preserved:.1%} | "
         f"{seconds:.3f} / {seconds + refine_seconds:.3f} |"
       )
       print(rows[-1], flush=True)
@@ -171,18 +179,21 @@ def main(argv):
 
 
 def write_figure(path: pathlib.Path, shown: dict) -> None:
-  """A row per kind: input, redrawn tokens (white), the refined edit; enlarged 3x."""
+  """A row per kind (its first task the refined edit got right): input, redrawn tokens
+  (white) and the edit, enlarged 3x, under the prompt."""
   from PIL import ImageDraw
 
   side = next(iter(shown.values()))[0].image.shape[0] * 3
   label = 70
-  canvas = Image.new("RGB", (label + 3 * (side + 6), len(shown) * (side + 6) + 16), "white")
+  row_height = side + 20
+  canvas = Image.new("RGB", (label + 3 * (side + 6), len(shown) * row_height + 16), "white")
   draw = ImageDraw.Draw(canvas)
   for col, name in enumerate(("input", "redrawn", "edit")):
     draw.text((label + col * (side + 6) + 2, 2), name, fill="black")
-  for row, (kind, (edit, image)) in enumerate(shown.items()):
-    top = 16 + row * (side + 6)
+  for row, (kind, (edit, image, prompt)) in enumerate(shown.items()):
+    top = 16 + row * row_height
     draw.text((2, top + side // 2), kind, fill="black")
+    draw.text((label, top + side + 2), f'"{prompt}"', fill="black")
     mask = np.repeat(edit.token_mask_image[..., None] * 255, 3, axis=-1).astype(np.uint8)
     for col, tile in enumerate((edit.image, mask, image)):
       big = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)

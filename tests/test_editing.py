@@ -39,17 +39,17 @@ def test_kept_tokens_are_fed_as_given_and_scored_with_the_rest():
   kept = rng.integers(0, config.image_vocab_size, (4, config.image_length)).astype(np.int32)
   keep = rng.random((4, config.image_length)) < 0.7
   keep[:, 5] = False  # Something to redraw in every row.
-  tokens, log_probs = decoding.sample(
-    config, params, text, jax.random.key(1), guidance_scale=2.0, keep=(kept, keep)
+  sample = jax.jit(
+    lambda rng, kept, keep: decoding.sample(
+      config, params, text, rng, guidance_scale=2.0, keep=(kept, keep)
+    )
   )
+  tokens, log_probs = sample(jax.random.key(1), kept, keep)
   tokens = np.asarray(tokens)
   np.testing.assert_array_equal(tokens[keep], kept[keep])  # Identical outside the mask.
   assert not np.array_equal(tokens[~keep], kept[~keep])  # The rest was drawn.
   # The log-probabilities cover every token: those of a teacher-forced pass over them.
-  forced, forced_lp = decoding.sample(
-    config, params, text, jax.random.key(2), guidance_scale=2.0,
-    keep=(tokens, np.ones_like(keep)),
-  )  # fmt: skip
+  forced, forced_lp = sample(jax.random.key(2), tokens, np.ones_like(keep))
   np.testing.assert_array_equal(np.asarray(forced), tokens)
   np.testing.assert_allclose(np.asarray(forced_lp), np.asarray(log_probs), atol=1e-4)
 
@@ -167,18 +167,23 @@ def test_refining_one_token_finds_the_likeliest_whole_sequence():
   )(params, text, tokens, redraw)
   refined = np.asarray(refined)
   np.testing.assert_array_equal(refined[~redraw], tokens[~redraw])
+  score_all = jax.jit(
+    lambda candidates: editing.sequence_log_likelihood(
+      config, params, text[:1], candidates, 2.0, repeat=len(candidates)
+    )
+  )
   for row, position in ((0, 6), (1, 11)):
     # Every code at that position, scored by the whole sequence: refine chose the best.
     candidates = np.repeat(tokens[row : row + 1], config.image_vocab_size, axis=0)
     candidates[:, position] = np.arange(config.image_vocab_size)
-    likelihood = editing.sequence_log_likelihood(
-      config, params, np.repeat(text[:1], len(candidates), axis=0), candidates, 2.0
-    )
+    likelihood = score_all(candidates)
     assert refined[row, position] == int(np.argmax(likelihood))
     assert float(scores[row]) == pytest.approx(float(np.max(likelihood)), abs=1e-3)
   # The uncached score is the cached sampler's: feeding every token gives the same sum.
-  _, cached = decoding.sample(
-    config, params, text, jax.random.key(0), guidance_scale=2.0,
-    keep=(refined, np.ones_like(redraw)),
-  )  # fmt: skip
+  _, cached = jax.jit(
+    lambda tokens: decoding.sample(
+      config, params, text, jax.random.key(0), guidance_scale=2.0,
+      keep=(tokens, np.ones_like(redraw)),
+    )
+  )(refined)  # fmt: skip
   np.testing.assert_allclose(np.asarray(cached).sum(-1), np.asarray(scores), atol=1e-3)

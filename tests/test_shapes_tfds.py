@@ -31,7 +31,12 @@ def test_examples_hold_the_scene_they_render(prepared):
 
 def test_named_configs():
   names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
-  assert names == {"32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48}
+  assert names == {
+    "32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48,
+    "256_from_64": 256, "192_from_48": 192,
+  }  # fmt: skip
+  lows = {c.name: c.low_resolution for c in builder.PartiShapes.BUILDER_CONFIGS if c.low_resolution}
+  assert lows == {"256_from_64": 64, "192_from_48": 48}
   assert builder.PartiShapes.DEFAULT_CONFIG_NAME == "64"
   demo = next(c for c in builder.PartiShapes.BUILDER_CONFIGS if c.name == "48_20k")
   assert demo.split_sizes == {
@@ -41,7 +46,12 @@ def test_named_configs():
 
 @pytest.mark.parametrize(
   ("kwargs", "message"),
-  [(dict(image_size=8), "at least 16"), (dict(held_out=[("teal", "circle")]), "unknown color")],
+  [
+    (dict(image_size=8), "at least 16"),
+    (dict(held_out=[("teal", "circle")]), "unknown color"),
+    (dict(image_size=64, low_resolution=64), "low_resolution must lie in"),
+    (dict(image_size=64, low_resolution=8), "low_resolution must lie in"),
+  ],
 )
 def test_bad_config(kwargs, message):
   with pytest.raises(ValueError, match=message):

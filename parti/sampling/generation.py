@@ -20,7 +20,7 @@ import numpy as np
 from parti import partitioning
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
-from parti.sampling import decoding, jacobi
+from parti.sampling import decoding, editing, jacobi
 from parti.sampling.prompts import Prompt
 
 
@@ -42,6 +42,9 @@ class SamplingOptions:
     jacobi_window: draft tokens per decoder call with speculative Jacobi decoding
       (`parti.sampling.jacobi`: the same distribution in fewer calls); 0 is the
       standard sampler, one token per call.
+    edit_sweeps: for edits, passes of `editing.refine` over each sample's redrawn
+      tokens (each set to the code that makes the whole sequence likeliest); 0 keeps
+      the samples as drawn.
   """
 
   guidance_scale: float = 1.2
@@ -53,6 +56,7 @@ class SamplingOptions:
   seed: int = 0
   prefix_rows: int = 0
   jacobi_window: int = 0
+  edit_sweeps: int = 1
 
   def __post_init__(self):
     check_types(self)
@@ -64,6 +68,7 @@ class SamplingOptions:
       or not 0 < self.top_p <= 1
       or self.prefix_rows < 0
       or self.jacobi_window < 0
+      or self.edit_sweeps < 0
     ):
       raise ConfigError(f"Bad sampling options: {self}.")
 
@@ -161,6 +166,16 @@ def make_generator(
       if options.jacobi_window:
         raise ConfigError("Edits decode with the standard sampler: set jacobi_window to 0.")
       tokens, log_probs = decoding.sample(config, params, text, keys, keep=(kept, keep), **sampling)
+      if options.edit_sweeps:
+        # Rows that keep nothing are plain prompts in an edit batch: left as sampled.
+        redraw = ~keep & keep.any(axis=1, keepdims=True)
+        tokens, _ = editing.refine(
+          config, params, text, tokens, redraw, guidance_scale=sampling["guidance_scale"],
+          top_k=options.top_k, sweeps=options.edit_sweeps,
+        )  # fmt: skip
+        log_probs = editing.sequence_log_probs(
+          config, params, text, tokens, sampling["guidance_scale"]
+        )
     elif options.jacobi_window:
       tokens, log_probs, _ = jacobi.sample(
         config, params, text, keys, window=options.jacobi_window, **sampling
