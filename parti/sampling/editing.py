@@ -184,16 +184,11 @@ def teacher_forced_logits(config, params, text, tokens, guidance_scale=1.0, repe
   return guidance.guide(logits)
 
 
-def sequence_log_probs(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
-  """[B * repeat, N] log-probability of each token under the guided model (see
+def sequence_log_likelihood(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
+  """[B * repeat] log-likelihood of each whole token sequence under the guided model (see
   `teacher_forced_logits` for `repeat`)."""
   logits = teacher_forced_logits(config, params, text, tokens, guidance_scale, repeat)
-  return decoding.log_prob(logits, tokens)
-
-
-def sequence_log_likelihood(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
-  """[B * repeat] log-likelihood of each whole token sequence under the guided model."""
-  return sequence_log_probs(config, params, text, tokens, guidance_scale, repeat).sum(-1)
+  return decoding.log_prob(logits, tokens).sum(-1)
 
 
 def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64, sweeps=1):

@@ -169,13 +169,11 @@ def make_generator(
       if options.edit_sweeps:
         # Rows that keep nothing are plain prompts in an edit batch: left as sampled.
         redraw = ~keep & keep.any(axis=1, keepdims=True)
-        tokens, _ = editing.refine(
+        tokens, likelihood = editing.refine(
           config, params, text, tokens, redraw, guidance_scale=sampling["guidance_scale"],
           top_k=options.top_k, sweeps=options.edit_sweeps,
         )  # fmt: skip
-        log_probs = editing.sequence_log_probs(
-          config, params, text, tokens, sampling["guidance_scale"]
-        )
+        log_probs = likelihood[:, None]  # The whole sequence's: all the ranking needs.
     elif options.jacobi_window:
       tokens, log_probs, _ = jacobi.sample(
         config, params, text, keys, window=options.jacobi_window, **sampling
