@@ -161,7 +161,7 @@ def infer(
     from parti.sampling.rerank import Reranker
 
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
-  upsampler = load_upsampler(upsampler_dir, tok_config, device_mesh, rules)
+  upsampler = load_upsampler(upsampler_dir, tok_config)
   all_prompts = read_prompts(prompts, image_root)
   out = pathlib.Path(output_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -207,11 +207,19 @@ def infer(
       flat = images.reshape(-1, *images.shape[2:])
       texts = [prompt for _, prompt in mine for _ in range(options.samples)]
       similarities = reranker.score(flat, texts).reshape(log_likelihoods.shape)
+    scores = log_likelihoods if similarities is None else similarities
+    best = np.argsort(-scores, axis=1, kind="stable")[:, : options.keep]
+    large = None
+    if upsampler is not None and mine:  # The kept images of the whole batch, in one call.
+      kept = np.take_along_axis(images, best[..., None, None, None], axis=1)
+      large = upsampler.upsample(kept.reshape(-1, *kept.shape[2:])).reshape(
+        *best.shape, *((upsampler.config.output_size,) * 2), 3
+      )
     for slot, (index, prompt) in enumerate(mine):
       entry = _write_prompt(
-        out, index, prompt, images[slot], log_likelihoods[slot],
-        None if similarities is None else similarities[slot], options, step, upsampler,
-        edits.get(index) if edits else None,
+        out, index, prompt, images[slot], best[slot], log_likelihoods[slot],
+        None if similarities is None else similarities[slot], options, step,
+        None if large is None else large[slot], edits.get(index) if edits else None,
       )  # fmt: skip
       with open(manifest, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
@@ -228,7 +236,7 @@ def infer(
   return written
 
 
-def load_upsampler(upsampler_dir: str | None, tok_config, mesh, rules):
+def load_upsampler(upsampler_dir: str | None, tok_config):
   """The super-resolution stage of `upsampler_dir`, or None without one.
 
   Raises:
@@ -239,7 +247,9 @@ def load_upsampler(upsampler_dir: str | None, tok_config, mesh, rules):
     return None
   from parti.upsampling.api import Upsampler
 
-  upsampler = Upsampler.from_checkpoint(upsampler_dir, mesh=mesh, rules=rules)
+  # On one of this host's devices, like the tokenizer for prefixes and edits: each host
+  # upsamples its own prompts' images (the job's mesh spans every host's devices).
+  upsampler = Upsampler.from_checkpoint(upsampler_dir)
   if upsampler.config.input_size != tok_config.image_size:
     raise ConfigError(
       f"The upsampler in {upsampler_dir} takes {upsampler.config.input_size} px images, but "
@@ -355,35 +365,34 @@ def _write_prompt(
   index,
   prompt,
   images,
+  best,
   log_likelihoods,
   similarities,
   options,
   step,
-  upsampler=None,
+  upsampled=None,
   edit=None,
 ):
-  """Writes a prompt's best `keep` images (and, with an upsampler, their larger
-  versions); returns its manifest entry.
+  """Writes a prompt's best `keep` images (indices `best`, ranked), and their upsampled
+  versions when given; returns its manifest entry.
 
   `scores` are what ranked the samples: the reranker's cosine similarities when
   there is one (with their CLIP-score), else the log-likelihoods.
   """
   scores = log_likelihoods if similarities is None else similarities
-  best = np.argsort(-scores, kind="stable")[: options.keep]
   names = []
   for rank, sample in enumerate(best):
     name = f"{_file_stem(index, prompt)}_{rank}.png"
     files.atomic_write_bytes(out / name, images_io.png_bytes(images[sample]))
     names.append(name)
-  upsampled = {}
-  if upsampler is not None:
-    scale = upsampler.config.scale
-    large = upsampler.upsample(images[best])
-    upsampled = {"upsampler_scale": scale, "upsampled_files": []}
-    for rank, image in enumerate(large):
+  large = {}
+  if upsampled is not None:
+    scale = upsampled.shape[1] // images.shape[1]
+    large = {"upsampler_scale": scale, "upsampled_files": []}
+    for rank, image in enumerate(upsampled):
       name = f"{_file_stem(index, prompt)}_{rank}_x{scale}.png"
       files.atomic_write_bytes(out / name, images_io.png_bytes(image))
-      upsampled["upsampled_files"].append(name)
+      large["upsampled_files"].append(name)
   return {
     "index": index,
     "prompt": prompt.text,
@@ -433,7 +442,7 @@ def _write_prompt(
       else {"clip_score": float(contrastive.clip_score(similarities[best[0]]))}
     ),
     "files": names,
-    **upsampled,
+    **large,
   }
 
 
