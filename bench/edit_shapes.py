@@ -1,7 +1,8 @@
 """Editing on the shapes: zero-shot edits against the naive baseline, per edit kind.
 
     python bench/edit_shapes.py --checkpoint_dir=runs/demo/parti --tokenizer_dir=runs/demo/tokenizer
-      [--examples=100] [--samples=8] [--figure=docs/images/edits.png]
+      [--finetuned_dir=runs/demo/parti_edit] [--examples=100] [--samples=8]
+      [--figure=docs/images/edits.png]
 
 For each kind of `parti.tasks.shapes.edits` (recolor, reshape, remove, add, outpaint),
 --examples tasks are written as real edit requests (the source image, and a mask PNG
@@ -21,6 +22,11 @@ Each is scored by the shapes evaluator against the target scene (success), check
 the target's objects outside the redrawn cells (preservation), and for its kept tokens
 being the source's own (token preservation). For reference, the model's own
 generation from the same prompts, with the same samples ranked by likelihood.
+
+With --finetuned_dir (a run of gin/editing/finetune_shapes.gin: the same model with
+the editing head), a second table: its edits, the encoder reading the image with the
+redrawn tokens masked (the likeliest of the same number of samples, and refined), and
+its own generation (no image) beside the text-to-image model's.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks and the samples.")
 _KINDS = flags.DEFINE_list("kinds", list(edits.KINDS), "Edit kinds to run.")
 _FIGURE = flags.DEFINE_string("figure", "", "Where to write input, mask and edit per kind.")
 _SWEEPS = flags.DEFINE_integer("sweeps", 2, "Passes of iterated conditional modes (refined).")
+_FINETUNED = flags.DEFINE_string(
+  "finetuned_dir", "", "A run fine-tuned for editing (gin/editing/finetune_shapes.gin)."
+)
 
 
 def requests(kind: str, folder: pathlib.Path, size: int) -> list[tuple[edits.EditTask, Prompt]]:
@@ -76,6 +85,31 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
 
 
+def samplers(config):
+  """The model's jitted (sample, refine); both take an image context last (None: none)."""
+  sample = jax.jit(
+    lambda p, text, keys, kept, keep, context=None: decoding.sample(
+      config, p, text, keys, guidance_scale=_SCALE.value, top_k=_TOP_K.value,
+      keep=(kept, keep), edit_context=context,
+    )
+  )  # fmt: skip
+  refine = jax.jit(
+    lambda p, text, tokens, redraw, context=None: editing.refine(
+      config, p, text, tokens, redraw, guidance_scale=_SCALE.value, top_k=_TOP_K.value,
+      sweeps=_SWEEPS.value, context=context,
+    )[0]
+  )  # fmt: skip
+  return sample, refine
+
+
+def timed(function, *args):
+  """(function(*args) as numpy, seconds), the compilation run first and not timed."""
+  jax.block_until_ready(function(*args))
+  start = time.perf_counter()
+  result = jax.tree_util.tree_map(np.asarray, jax.block_until_ready(function(*args)))
+  return result, time.perf_counter() - start
+
+
 def main(argv):
   del argv
   mesh = partitioning.local_mesh()
@@ -85,18 +119,20 @@ def main(argv):
   tokenizer = ImageTokenizer(tok_config, tok_params)
   encoder = PromptEncoder(config.text_length)
   samples, length = _SAMPLES.value, config.image_length
-  sample = jax.jit(
-    lambda p, text, keys, kept, keep: decoding.sample(
-      config, p, text, keys, guidance_scale=_SCALE.value, top_k=_TOP_K.value,
-      keep=(kept, keep),
-    )
-  )  # fmt: skip
-  refine = jax.jit(
-    lambda p, text, tokens, redraw: editing.refine(
-      config, p, text, tokens, redraw, guidance_scale=_SCALE.value, top_k=_TOP_K.value,
-      sweeps=_SWEEPS.value,
-    )[0]
-  )  # fmt: skip
+  sample, refine = samplers(config)
+  finetuned = None
+  if _FINETUNED.value:
+    ft_config, ft_params, _, ft_step = checkpoint_io.load_params(_FINETUNED.value, mesh, rules)
+    if not ft_config.edit_context:
+      raise SystemExit(f"{_FINETUNED.value} has no editing head (PartiConfig.edit_context).")
+    finetuned = (ft_config, ft_params, *samplers(ft_config))
+    print(f"Fine-tuned for editing: {_FINETUNED.value} step {ft_step}")
+  ft_header = (
+    "| kind | tasks | fine-tuned | fine-tuned, refined | its generation (no edit) | "
+    "text-to-image model's generation | preservation (fine-tuned / refined) | "
+    "token preservation | s / edit (fine-tuned / refined) |"
+  )
+  ft_rows = [ft_header, "|---" * 9 + "|"]
   print(f"Parti {_CHECKPOINT.value} step {step}; {_EXAMPLES.value} tasks per kind, {samples} "
         f"samples each, guidance {_SCALE.value}, top-k {_TOP_K.value}, {_SWEEPS.value} sweeps")  # fmt: skip
   header = (
@@ -142,6 +178,8 @@ def main(argv):
       best = np.asarray(generated_lp).reshape(len(pairs), samples, length).sum(-1).argmax(-1)
       chosen["generation"] = generated[np.arange(len(pairs)), best]
       chosen["input decoded"] = np.stack([e.tokens for e in prepared])
+      if finetuned:
+        ft_seconds = fine_tuned_edits(finetuned, chosen, text, texts, keys, kept, keep, redraw)
       images = {
         name: to_uint8(tokenizer.decode(t.reshape(-1, *tok_config.grid)))
         for name, t in chosen.items()
@@ -152,19 +190,31 @@ def main(argv):
       }
       preserved = {
         name: np.mean([edits.preserved(i, t) for i, t in zip(images[name], tasks, strict=True)])
-        for name in ("zero-shot", "refined", "input decoded")
+        for name in ("zero-shot", "refined", "input decoded", *_FT_EDITS)
+        if name in images
       }
-      token_preserved = min(
-        np.mean([np.array_equal(c[~r], e.tokens[~r]) for c, r, e in
-                 zip(chosen[name], redraw, prepared, strict=True)])
-        for name in ("zero-shot", "refined", "naive", "prefix-best")
-      )  # fmt: skip
+      token_preserved = token_preservation(
+        chosen, redraw, prepared, ("zero-shot", "refined", "naive", "prefix-best")
+      )
+      if finetuned:
+        ft_rows.append(
+          f"| {kind} | {len(pairs)} | {success['fine-tuned']:.1%} | "
+          f"{success['fine-tuned refined']:.1%} | {success['fine-tuned generation']:.1%} | "
+          f"{success['generation']:.1%} | {preserved['fine-tuned']:.1%} / "
+          f"{preserved['fine-tuned refined']:.1%} | {token_preservation(chosen, redraw, prepared, _FT_EDITS):.1%} | "
+          f"{ft_seconds[0]:.3f} / {ft_seconds[1]:.3f} |"
+        )
+        print(ft_rows[-1], flush=True)
       # The first task the refined edit got right (the table has the rates).
       right = [
         i for i, t in enumerate(tasks) if evaluate.score(images["refined"][i], t.target)["all"]
       ]
       first = right[0] if right else 0
-      shown[kind] = (prepared[first], images["refined"][first], tasks[first].target.caption)
+      shown[kind] = (
+        prepared[first],
+        [images[name][first] for name in ("refined", "fine-tuned refined") if name in images],
+        tasks[first].target.caption,
+      )
       rows.append(
         f"| {kind} | {len(pairs)} | {success['zero-shot']:.1%} | {success['refined']:.1%} | "
         f"{success['naive']:.1%} | {success['prefix-best']:.1%} | {success['generation']:.1%} | "
@@ -174,28 +224,72 @@ def main(argv):
       )
       print(rows[-1], flush=True)
   print("\n".join(rows))
+  if finetuned:
+    print("\n".join(ft_rows))
   if _FIGURE.value:
     write_figure(pathlib.Path(_FIGURE.value), shown)
 
 
+def token_preservation(chosen, redraw, prepared, names) -> float:
+  """The lowest, over the edits `names`, of the share of edits whose kept tokens are
+  exactly the input's."""
+  return min(
+    np.mean([np.array_equal(c[~r], e.tokens[~r]) for c, r, e in
+             zip(chosen[name], redraw, prepared, strict=True)])
+    for name in names
+  )  # fmt: skip
+
+
+# The fine-tuned model's edits, scored as the zero-shot ones.
+_FT_EDITS = ("fine-tuned", "fine-tuned refined")
+
+
+def fine_tuned_edits(finetuned, chosen, text, texts, keys, kept, keep, redraw):
+  """Adds the fine-tuned model's edits (the likeliest sample, and refined) and its own
+  generation to `chosen`; returns the seconds per edit of both."""
+  config, params, sample, refine = finetuned
+  tasks, samples = len(texts), len(text) // len(texts)
+  context = np.where(keep, kept, config.mask_id)
+  (tokens, log_probs), seconds = timed(sample, params, text, keys, kept, keep, context)
+  best = log_probs.reshape(tasks, samples, -1).sum(-1).argmax(-1)
+  chosen["fine-tuned"] = tokens.reshape(tasks, samples, -1)[np.arange(tasks), best]
+  task_context = context[::samples]
+  chosen["fine-tuned refined"], refine_seconds = timed(
+    refine, params, texts, chosen["fine-tuned"], redraw, task_context
+  )
+  nothing = np.zeros_like(keep)
+  generated, generated_lp = sample(
+    params, text, keys, kept, nothing, np.full_like(kept, config.mask_id)
+  )
+  best = np.asarray(generated_lp).reshape(tasks, samples, -1).sum(-1).argmax(-1)
+  chosen["fine-tuned generation"] = np.asarray(generated).reshape(tasks, samples, -1)[
+    np.arange(tasks), best
+  ]
+  return seconds / tasks, (seconds + refine_seconds) / tasks
+
+
 def write_figure(path: pathlib.Path, shown: dict) -> None:
-  """A row per kind (its first task the refined edit got right): input, redrawn tokens
-  (white) and the edit, enlarged 3x, under the prompt."""
+  """A row per kind (its first task the refined zero-shot edit got right): input,
+  redrawn tokens (white), the zero-shot edit and, if run, the fine-tuned one, enlarged
+  3x, under the prompt."""
   from PIL import ImageDraw
 
   side = next(iter(shown.values()))[0].image.shape[0] * 3
   label = 70
   row_height = side + 20
-  canvas = Image.new("RGB", (label + 3 * (side + 6), len(shown) * row_height + 16), "white")
+  names = ("input", "redrawn", "zero-shot", "fine-tuned")[: 2 + len(next(iter(shown.values()))[1])]
+  canvas = Image.new(
+    "RGB", (label + len(names) * (side + 6), len(shown) * row_height + 16), "white"
+  )
   draw = ImageDraw.Draw(canvas)
-  for col, name in enumerate(("input", "redrawn", "edit")):
+  for col, name in enumerate(names):
     draw.text((label + col * (side + 6) + 2, 2), name, fill="black")
-  for row, (kind, (edit, image, prompt)) in enumerate(shown.items()):
+  for row, (kind, (edit, edited, prompt)) in enumerate(shown.items()):
     top = 16 + row * row_height
     draw.text((2, top + side // 2), kind, fill="black")
     draw.text((label, top + side + 2), f'"{prompt}"', fill="black")
     mask = np.repeat(edit.token_mask_image[..., None] * 255, 3, axis=-1).astype(np.uint8)
-    for col, tile in enumerate((edit.image, mask, image)):
+    for col, tile in enumerate((edit.image, mask, *edited)):
       big = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)
       canvas.paste(big, (label + col * (side + 6), top))
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,7 @@ def infer(
     reranker = Reranker.from_checkpoint(reranker_dir, vocabulary)
   upsampler = load_upsampler(upsampler_dir, tok_config)
   all_prompts = read_prompts(prompts, image_root)
+  editing.check_method(options.edit_method, config, all_prompts, checkpoint_dir)
   out = pathlib.Path(output_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
   record = {
@@ -175,6 +176,8 @@ def infer(
     "reranker_step": reranker.step if reranker else None,
     "upsampler": str(pathlib.Path(upsampler_dir).absolute()) if upsampler else None,
     "upsampler_step": upsampler.step if upsampler else None,
+    # What edit_method "auto" came to with this model.
+    "edits_made": "fine_tuned" if editing.fine_tuned(options.edit_method, config) else "zero_shot",
   }
   done = manifests.finished_prompts(out)
   _check_options(out, record, has_images=bool(done))

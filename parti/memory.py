@@ -192,7 +192,7 @@ def activation_bytes_per_example(
   """
   c = jnp.dtype(config.dtype).itemsize
   f = 4
-  t, n = text_length, config.image_length
+  t, n = text_length + (config.image_length if config.edit_context else 0), config.image_length
   d = config.embed_dim / split("embed")
   a = config.num_heads * config.per_head_dim / split("heads")
   h = config.num_heads / split("heads")

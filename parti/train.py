@@ -30,11 +30,12 @@ from absl import logging
 from parti import partitioning
 from parti.modeling import checkpoint_io, flops
 from parti.modeling.config import PartiConfig
-from parti.modeling.model import embeddings_from_codebook, with_image_embeddings
+from parti.modeling.model import embeddings_from_codebook, with_edit_context, with_image_embeddings
 from parti.runtime import gin_utils
 from parti.runtime.errors import ConfigError
 from parti.training import checkpoints, loop, optim
 from parti.training import samples as samples_lib
+from parti.training.edit_masks import EditMaskConfig
 from parti.training.samples import SampleConfig
 from parti.training.trainer import (
   RAW_IMAGE_FEATURES,
@@ -109,6 +110,7 @@ def train(
   tfds_data_dir: str | None = None,
   shuffle: bool = True,
   samples: SampleConfig = SampleConfig(),
+  edit_masks: EditMaskConfig | None = None,
   seed: int = 0,
 ) -> dict[str, float]:
   """Trains Parti; returns the last evaluation (or the last training metrics).
@@ -130,7 +132,9 @@ def train(
     pre_encoded_dir: a `parti.tokenizer.encode` output folder; registers
       `mixture_or_task_name` over it.
     init_from: another run's MODEL_DIR whose latest parameters start this run
-      (fine-tuning); ignored when this run has checkpoints of its own.
+      (fine-tuning); ignored when this run has checkpoints of its own. A text-to-image
+      run may start a model with the editing head (`edit_context`): the head's
+      tables start as copies of the decoder's (`model.with_edit_context`).
     image_embeddings_from_codebook: a new run starts its image-token embeddings
       from the codebook of the tokenizer that codes its images (see
       `parti.modeling.model.embeddings_from_codebook`); small runs learn several times faster.
@@ -146,6 +150,8 @@ def train(
     shuffle: shuffle the training examples. Each host shuffles its own shard, so
       only an unshuffled run sees the same global batches on any number of hosts.
     samples: periodic sample images from validation prompts (off by default).
+    edit_masks: fine-tunes the editing head (`PartiConfig.edit_context`): each example
+      redraws a random region, given the rest of its image (gin/editing/).
     seed: seed of initialization, dropout and data order.
   """
 
@@ -164,7 +170,7 @@ def train(
   optimizer_fn, schedule_fn = optim.build(optimizer, num_steps)
   trainer = PartiTrainer(
     model, optimizer_fn, microbatches=microbatches, label_smoothing=label_smoothing,
-    z_loss=z_loss, image_encoder=image_encoder,
+    z_loss=z_loss, image_encoder=image_encoder, edit_masks=edit_masks,
   )  # fmt: skip
   state, state_shardings = partitioning.init_sharded(lambda: trainer.init(seed), device_mesh, rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
@@ -364,8 +370,7 @@ def _initial_state(state, shardings, model: PartiConfig, *, init_from, seed, cod
   from the codebook of the tokenizer that `codebook_from` (tokenizer_dir,
   pre_encoded_dir) names, or the random initialization as it is."""
   if init_from:
-    abstract = partitioning.abstract_with_shardings(state.params, shardings.params)
-    return state.replace(params=_initial_params(init_from, abstract))
+    return state.replace(params=_initial_params(init_from, state.params, shardings.params, model))
   if codebook_from:
     codebook = _tokenizer_codebook(model, *codebook_from)
     embeddings = embeddings_from_codebook(codebook, model.embed_dim, seed)
@@ -373,13 +378,32 @@ def _initial_state(state, shardings, model: PartiConfig, *, init_from, seed, cod
   return state
 
 
-def _initial_params(init_from: str, abstract_params):
-  """The latest parameters of the run in `init_from`, laid out like ours."""
+def _initial_params(init_from: str, params, shardings, model: PartiConfig):
+  """The latest parameters of the run in `init_from`, laid out like ours; the editing
+  head, if ours has one and that run's model has not, is added."""
+  config_file = pathlib.Path(init_from) / checkpoint_io.CONFIG_FILE
+  source = checkpoint_io.load_config(init_from) if config_file.is_file() else model
+  if source.edit_context and not model.edit_context:
+    raise ConfigError(
+      f"init_from: {init_from} has the editing head and this model has not: set "
+      "PartiConfig.edit_context = True to fine-tune it further."
+    )
+  adds_head = model.edit_context and not source.edit_context
+  kept_params, kept_shardings = params, shardings
+  if adds_head:
+    kept_params, kept_shardings = (
+      {**tree, "encoder": {k: v for k, v in tree["encoder"].items() if k != "image_context"}}
+      for tree in (params, shardings)
+    )
+  abstract = partitioning.abstract_with_shardings(kept_params, kept_shardings)
   try:
-    step, params = checkpoints.restore_params(init_from, abstract_params)
+    step, params = checkpoints.restore_params(init_from, abstract)
   except FileNotFoundError as error:
     raise ConfigError(f"init_from: {error}") from error
   logging.info("Initialized the parameters from %s (step %d).", init_from, step)
+  if adds_head:
+    logging.info("Added the editing head, its tables copied from the decoder's.")
+    return with_edit_context(params, shardings)
   return params
 
 
@@ -441,6 +465,7 @@ def _measured_peak() -> float:
 
 configured_train = gin.external_configurable(train)
 gin.external_configurable(SampleConfig, module="samples")
+gin.external_configurable(EditMaskConfig, module="editing")
 
 if __name__ == "__main__":
   gin_utils.run(configured_train)

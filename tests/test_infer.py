@@ -675,3 +675,29 @@ def test_edit_requests_redraw_their_region_and_show_input_mask_and_decoding(
   with pytest.raises(ConfigError, match=r"edits\.jsonl:1 is an edit; edits run with prefix_rows"):
     run(tmp_path / "o2", parti_run, trained_tokenizer, requests,
         options=dataclasses.replace(OPTIONS, prefix_rows=1))  # fmt: skip
+
+
+def test_fine_tuned_edits_go_through_the_editing_head_and_a_model_without_one_is_refused(
+  tmp_path, parti_run, trained_tokenizer
+):
+  Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "scene.png")
+  lines = [
+    {"prompt": "two blue squares"},
+    {"prompt": "a red circle", "image": "scene.png", "box": [16, 0, 32, 16]},
+  ]
+  requests = tmp_path / "edits.jsonl"
+  requests.write_text("\n".join(json.dumps(x) for x in lines))
+  fine_tuned = dataclasses.replace(OPTIONS, edit_method="fine_tuned")
+  refused = tmp_path / "refused"
+  with pytest.raises(ConfigError, match=r"edits\.jsonl:2: a fine-tuned edit .* no editing head"):
+    run(refused, parti_run, trained_tokenizer, requests, options=fine_tuned)
+  assert not refused.exists()  # Refused before anything is written.
+  edit_run = _save_run(tmp_path / "edit_model", tiny_run_config(edit_context=True))
+  for method, made in (("auto", "fine_tuned"), ("zero_shot", "zero_shot")):
+    out = tmp_path / method
+    options = dataclasses.replace(OPTIONS, edit_method=method)
+    plain, edit = sorted(run(out, edit_run, trained_tokenizer, requests, options=options),
+                         key=lambda e: e["index"])  # fmt: skip
+    assert json.loads((out / infer.OPTIONS_FILE).read_text())["edits_made"] == made
+    assert "edit" not in plain and edit["edit"]["redrawn_tokens"] == 4
+    assert (out / edit["files"][0]).is_file() and (out / plain["files"][0]).is_file()

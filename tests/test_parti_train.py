@@ -381,3 +381,29 @@ def test_rerunning_a_run_with_another_model_config_is_refused_and_touches_nothin
   with pytest.raises(ConfigError, match=r"another config \(embed_dim: 32 there, 64 here\)"):
     run(model_dir, tokens_dir, num_steps=12, model=tiny_run_config(embed_dim=64))
   assert {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")} == listing
+
+
+def test_fine_tuning_for_editing_adds_the_head_and_trains_on_redrawn_tokens(
+  tmp_path, tokens_dir, uninterrupted
+):
+  from parti.training.edit_masks import EditMaskConfig
+
+  edit_model = tiny_run_config(edit_context=True)
+  fine_tune = functools.partial(
+    run, tmp_path, tokens_dir, model=edit_model, init_from=str(uninterrupted),
+    edit_masks=EditMaskConfig(), eval_split=None,
+  )  # fmt: skip
+  fine_tune(num_steps=4)
+  assert PartiConfig.load(tmp_path / "parti_config.json") == edit_model
+  rows = metric_logging.read_metrics(tmp_path)
+  # Loss on the redrawn tokens only: fewer than the batch's 8 x 16, never none.
+  assert all(0 < rows[s]["train/tokens"] < 8 * 16 for s in range(1, 5))
+  assert all(np.isfinite(rows[s]["train/loss"]) for s in range(1, 5))
+  # Resumable: a rerun continues from its own step 4 (init_from is then ignored).
+  fine_tune(num_steps=6)
+  assert sorted(losses(tmp_path)) == list(range(1, 7))
+  # The head cannot be dropped by fine-tuning a model without one from this run.
+  with pytest.raises(ConfigError, match="has the editing head"):
+    run(tmp_path / "back", tokens_dir, num_steps=1, init_from=str(tmp_path))
+  with pytest.raises(ConfigError, match="edit_masks trains the editing head"):
+    run(tmp_path / "headless", tokens_dir, num_steps=1, edit_masks=EditMaskConfig())

@@ -49,6 +49,11 @@ class PartiConfig(JsonConfig):
       (classifier-free guidance).
     null_condition: "empty" (the encoding of an empty prompt) or "learned" (a
       learned encoder output).
+    edit_context: the editing head (GLIDE's fine-tuned inpainting, for tokens): the
+      encoder also reads the image being edited, its image_length tokens after the
+      text, with the ones to redraw replaced by `mask_id`. Without an image it reads
+      all of them masked, which is plain text-to-image generation. Trained by
+      `parti.train` with `edit_masks` (gin/editing/), from a text-to-image run.
   """
 
   text_vocab_size: int = 16_384
@@ -73,6 +78,7 @@ class PartiConfig(JsonConfig):
   dropout_rate: float = 0.0
   cfg_dropout_rate: float = 0.1
   null_condition: str = "empty"
+  edit_context: bool = False
 
   def __post_init__(self):
     if isinstance(self.image_grid, list):  # From JSON.
@@ -118,6 +124,17 @@ class PartiConfig(JsonConfig):
   def bos_id(self) -> int:
     """The decoder's start token: one past the last image code."""
     return self.image_vocab_size
+
+  @property
+  def mask_id(self) -> int:
+    """The encoder's image-context id of a token to redraw (`edit_context`): one past
+    the last image code, in the context's own embedding table."""
+    return self.image_vocab_size
+
+  @property
+  def encoder_length(self) -> int:
+    """Positions the encoder reads: the text's, and the image context's if any."""
+    return self.text_length + (self.image_length if self.edit_context else 0)
 
   @property
   def per_head_dim(self) -> int:

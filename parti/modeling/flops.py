@@ -84,9 +84,11 @@ def parti_forward_flops(config, text_length: int | None = None) -> float:
 
   Counts the matmuls (projections, MLPs, attention scores and mixing, logits) at
   2 FLOPs per multiply-add; full (not causal-halved) attention, as PaLM's MFU
-  does. Norms, softmax and embedding lookups are negligible and left out.
+  does. Norms, softmax and embedding lookups are negligible and left out. The
+  editing head's image context lengthens what the encoder reads and the decoder
+  attends to.
   """
-  t = text_length or config.text_length
+  t = (text_length or config.text_length) + (config.image_length if config.edit_context else 0)
   n = config.image_length
   d, m, hd = config.embed_dim, config.mlp_dim, config.num_heads * config.per_head_dim
   mlp_mats = 3 if config.gated_mlp else 2

@@ -99,6 +99,27 @@ def with_image_embeddings(params, embeddings: jax.Array):
   return {**params, "decoder": decoder}
 
 
+def with_edit_context(params, shardings=None):
+  """A text-to-image model's `params` with the editing head added (`PartiConfig.
+  edit_context`), its tables copies of the decoder's: the context then starts out
+  reading each code, and each place in the grid, as the decoder already embeds them
+  (its mask id starts as the decoder's BOS). `shardings`: the new tree's, else the
+  copies keep the decoder tables' own."""
+  decoder = params["decoder"]
+  head = {
+    "token_embedding": {"embedding": decoder["token_embedding"]["embedding"]},
+    "row_embedding": decoder["row_embedding"],
+    "col_embedding": decoder["col_embedding"],
+  }
+  if shardings is not None:
+    out = shardings["encoder"]["image_context"]
+  else:
+    out = jax.tree_util.tree_map(lambda x: x.sharding, head)
+  # Copies, not the same buffers twice: the train step donates its state.
+  head = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree), out_shardings=out)(head)
+  return {**params, "encoder": {**params["encoder"], "image_context": head}}
+
+
 def unstack_layers(params, config: PartiConfig) -> tuple[dict, PartiConfig]:
   """Scanned parameters as the unrolled model's: ({... "layers_0": ..., ...}, config).
 
@@ -231,17 +252,19 @@ def _stack(layer_cls, config: PartiConfig, num_layers: int, name: str, **attribu
 
 
 class TextEncoder(nn.Module):
-  """SentencePiece tokens -> encoded text [B, T, D] and its key mask [B, 1, 1, T]."""
+  """SentencePiece tokens (and, with `edit_context`, the image being edited) -> encoded
+  [B, L, D] and its key mask [B, 1, 1, L]: L is the text's length, plus image_length."""
 
   config: PartiConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool = True):
+  def __call__(
+    self, tokens: jax.Array, context: jax.Array | None = None, deterministic: bool = True
+  ):
     cfg = self.config
     embed = _token_embedding(cfg.text_vocab_size, cfg.embed_dim)
     x = embed(tokens)
     length = tokens.shape[1]
-    bias = None
     if cfg.text_positions == "learned":
       if length > cfg.text_length:
         raise ValueError(f"{length} text tokens exceed text_length {cfg.text_length}.")
@@ -252,16 +275,54 @@ class TextEncoder(nn.Module):
         jnp.float32,
       )
       x = x + positions[None, :length]
-    else:
+    mask = tokens > 0
+    if cfg.edit_context:
+      if context is None:  # No image: every token to draw, i.e. plain generation.
+        context = jnp.full((tokens.shape[0], cfg.image_length), cfg.mask_id, jnp.int32)
+      x = jnp.concatenate([x, ImageContext(cfg, name="image_context")(context)], axis=1)
+      mask = jnp.concatenate([mask, jnp.ones(context.shape, bool)], axis=1)
+    elif context is not None:
+      raise ValueError("An image context was given to a model without edit_context.")
+    bias = None
+    if cfg.text_positions == "relative":
       bias = RelativePositionBias(
         cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance, name="relative_bias"
-      )(length)
+      )(x.shape[1])
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    mask = (tokens > 0)[:, None, None, :]
+    mask = mask[:, None, None, :]
     x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, "layers", deterministic=deterministic)(
       x, mask, bias
     )
     return layers.Norm(cfg.norm, name="final_norm")(x), mask
+
+
+class ImageContext(nn.Module):
+  """The editing head's input: the image's tokens, `mask_id` where to redraw, embedded
+  with their row and column in the grid: [B, N] -> [B, N, D]. `with_edit_context`
+  starts these tables from the decoder's, so that fine-tuning starts from codes and
+  places the model already knows."""
+
+  config: PartiConfig
+
+  @nn.compact
+  def __call__(self, context: jax.Array) -> jax.Array:
+    cfg = self.config
+    rows, cols = cfg.image_grid
+    embed = _token_embedding(cfg.image_vocab_size + 1, cfg.embed_dim)  # + the mask id
+    row_embedding = self.param(
+      "row_embedding",
+      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
+      (rows, cfg.embed_dim),
+      jnp.float32,
+    )
+    col_embedding = self.param(
+      "col_embedding",
+      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
+      (cols, cfg.embed_dim),
+      jnp.float32,
+    )
+    positions = jnp.arange(context.shape[1])
+    return embed(context) + row_embedding[positions // cols] + col_embedding[positions % cols]
 
 
 class ImageDecoder(nn.Module):
@@ -364,8 +425,10 @@ class Parti(nn.Module):
     encoder_input_tokens: jax.Array,
     enable_dropout: bool = False,
     null: jax.Array | None = None,
+    edit_context: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
-    """Text tokens [B, T] -> (encoded [B, T, D], key mask [B, 1, 1, T]).
+    """Text tokens [B, T] -> (encoded [B, L, D], key mask [B, 1, 1, L]); L = T, plus
+    image_length with the editing head.
 
     Args:
       encoder_input_tokens: padded SentencePiece ids (0 = padding).
@@ -373,20 +436,28 @@ class Parti(nn.Module):
         `null` is not given and cfg_dropout_rate > 0).
       null: bool [B]: examples to encode as the null condition instead. The
         sampler passes all-True for the unconditional half of guidance.
+      edit_context: with `config.edit_context`, the image tokens [B, N] to edit, with
+        `config.mask_id` where to redraw (None: all of them). The null condition
+        drops the text only: guidance then weighs the prompt against the image alone.
     """
     cfg = self.config
     tokens = encoder_input_tokens
     if null is None and enable_dropout and cfg.cfg_dropout_rate > 0:
       null = self.condition_dropout(tokens.shape[0])
-    if null is not None and cfg.null_condition == "empty":
+    if null is not None and (cfg.null_condition == "empty" or cfg.edit_context):
+      # With an image context the learned null vector below replaces the text's outputs,
+      # but the image's are encoded with the text too: an empty prompt keeps them clean.
       tokens = jnp.where(null[:, None], self.null_tokens(*tokens.shape), tokens)
-    encoded, mask = self.encoder(tokens, deterministic=not enable_dropout)
+    encoded, mask = self.encoder(tokens, edit_context, deterministic=not enable_dropout)
     if null is not None and cfg.null_condition == "learned":
-      # The learned null condition is one encoder output vector, at position 0.
+      # The learned null condition is one encoder output vector, at position 0; the
+      # image context's positions (after the text) are kept.
+      text = jnp.arange(encoded.shape[1]) < tokens.shape[1]
       learned = jnp.zeros_like(encoded).at[:, 0].set(self.null_embedding[0])
-      encoded = jnp.where(null[:, None, None], learned, encoded)
-      only_first = (jnp.arange(tokens.shape[1]) == 0)[None, None, None, :]
-      mask = jnp.where(null[:, None, None, None], only_first, mask)
+      null_rows = null[:, None, None] & text[None, :, None]
+      encoded = jnp.where(null_rows, learned, encoded)
+      null_mask = (jnp.arange(encoded.shape[1]) == 0) | ~text
+      mask = jnp.where(null[:, None, None, None], null_mask[None, None, None, :], mask)
     return encoded, mask
 
   def decode(
@@ -413,8 +484,9 @@ class Parti(nn.Module):
     encoder_input_tokens: jax.Array,
     decoder_input_tokens: jax.Array,
     enable_dropout: bool = False,
+    edit_context: jax.Array | None = None,
   ) -> jax.Array:
-    encoded, mask = self.encode(encoder_input_tokens, enable_dropout)
+    encoded, mask = self.encode(encoder_input_tokens, enable_dropout, edit_context=edit_context)
     return self.decode(decoder_input_tokens, encoded, mask, enable_dropout)
 
 

@@ -168,6 +168,7 @@ def sample(
   guidance_scale: float | jax.Array = 1.0,
   prefix: jax.Array | None = None,
   keep: tuple[jax.Array, jax.Array] | None = None,
+  edit_context: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Samples image tokens and their log-probabilities under the (guided) model.
 
@@ -188,6 +189,10 @@ def sample(
       `kept`, the token is fed as given instead of sampled (teacher-forced), so only
       the others are drawn; their log-probabilities are still returned, so that the
       sum scores the whole sequence, the kept tokens after an edit included.
+    edit_context: with the editing head (`PartiConfig.edit_context`), the image the
+      encoder reads [B, image_length]: its codes, `config.mask_id` where to redraw
+      (None: all masked, plain generation). With `keep`, the decoder then draws the
+      masked tokens having seen the whole image, not only the tokens before them.
 
   Returns:
     (tokens [B, image_length] int32, log_probs [B, image_length]): each token's
@@ -218,7 +223,9 @@ def sample(
       token = jnp.where(keep[1][:, position], keep[0][:, position], token)
     return token
 
-  mask, first, prefill, cache = prefill_cache(model, params, guidance, encoder_input_tokens, prefix)
+  mask, first, prefill, cache = prefill_cache(
+    model, params, guidance, encoder_input_tokens, prefix, edit_context
+  )
 
   def step(carry, position):
     cache, logits = carry
@@ -245,16 +252,17 @@ def sample(
   return tokens, log_probs
 
 
-def prefill_cache(model: Parti, params, guidance: Guidance, text: jax.Array, prefix):
-  """The encoder pass and the decoder's prefill over BOS and the prefix, with a KV cache.
+def prefill_cache(
+  model: Parti, params, guidance: Guidance, text: jax.Array, prefix, edit_context=None
+):
+  """The encoder pass (of the text, and the image context if any) and the decoder's
+  prefill over BOS and the prefix, with a KV cache.
 
   Returns (the text's attention mask, the fed tokens [B, 1 + known] (BOS, prefix), the
   guided logits at those positions [B, 1 + known, V] (the last is the first free
   token's), the cache).
   """
-  encoded, mask = model.apply(
-    {"params": params}, guidance.doubled(text), null=guidance.null, method=Parti.encode
-  )
+  encoded, mask = encode(model, params, guidance, text, edit_context)
   first = jnp.full((text.shape[0], 1), model.config.bos_id, jnp.int32)
   if prefix is not None:
     first = jnp.concatenate([first, prefix.astype(jnp.int32)], axis=1)
@@ -263,6 +271,17 @@ def prefill_cache(model: Parti, params, guidance: Guidance, text: jax.Array, pre
     method=Parti.decode, mutable=["cache"],
   )  # fmt: skip
   return mask, first, guidance.guide(logits), variables["cache"]
+
+
+def encode(model: Parti, params, guidance: Guidance, text: jax.Array, edit_context=None):
+  """The guided (doubled) batch's encoding: the text, or the null condition in the
+  unconditional half; an image context is read by both halves."""
+  if edit_context is not None:
+    edit_context = guidance.doubled(jnp.asarray(edit_context, jnp.int32))
+  return model.apply(
+    {"params": params}, guidance.doubled(text), null=guidance.null, edit_context=edit_context,
+    method=Parti.encode,
+  )  # fmt: skip
 
 
 class Guidance:

@@ -37,6 +37,9 @@ from parti.modeling.model import Parti
 from parti.runtime.errors import ConfigError
 from parti.sampling import decoding
 
+# How an edit is made: "auto" is fine-tuned when the model has the editing head.
+METHODS = ("auto", "zero_shot", "fine_tuned")
+
 # The canvas's value where outpainting adds pixels (redrawn anyway; mid-gray decodes
 # to the most neutral codes).
 _NEW_AREA = 128
@@ -70,6 +73,30 @@ class Edit:
 def is_edit(prompt) -> bool:
   """Whether a request asks for an edit (it names a region), not a completion."""
   return bool(prompt.mask or prompt.box or prompt.extend)
+
+
+def fine_tuned(method: str, config) -> bool:
+  """Whether edits go through the editing head (`PartiConfig.edit_context`)."""
+  return method == "fine_tuned" or (method == "auto" and config.edit_context)
+
+
+def check_method(method: str, config, prompts, model_dir: str = "the model") -> None:
+  """Refuses, naming the first edit request, fine-tuned edits of a model without the
+  editing head; before anything is generated.
+
+  Raises:
+    ConfigError: `method` is "fine_tuned", a request is an edit, and the model has no head.
+  """
+  if method != "fine_tuned" or config.edit_context:
+    return
+  for prompt in prompts:
+    if is_edit(prompt):
+      raise ConfigError(
+        f"{prompt.source}: a fine-tuned edit was asked for (edit_method='fine_tuned'), but "
+        f"{model_dir} has no editing head (PartiConfig.edit_context): fine-tune one from "
+        "it with gin/editing/finetune_shapes.gin, or edit zero-shot (edit_method="
+        "'zero_shot' or 'auto')."
+      )
 
 
 def region(prompt, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,18 +187,18 @@ def prepare(prompt, tok_config, encode) -> Edit:
   return Edit(image, pixel_mask, tokens, redraw)
 
 
-def teacher_forced_logits(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
-  """[B * repeat, N, V] guided logits of each position given the text and the tokens
-  before it, in one teacher-forced pass (no cache). `text` is [B, T] and `tokens`
-  [B * repeat, N]: each text scores `repeat` consecutive token rows, and is encoded once.
-  Jittable."""
+def teacher_forced_logits(
+  config, params, text, tokens, guidance_scale=1.0, repeat: int = 1, context=None
+):
+  """[B * repeat, N, V] guided logits of each position given the text (and image
+  `context` [B, N], with the editing head) and the tokens before it, in one
+  teacher-forced pass (no cache). `text` is [B, T] and `tokens` [B * repeat, N]: each
+  text scores `repeat` consecutive token rows, and is encoded once. Jittable."""
   params, config = decoding.unstack_layers(params, config)
   model = Parti(config)
   rows = tokens.shape[0]
   text_guidance = decoding.Guidance(guidance_scale, text.shape[0])
-  encoded, mask = model.apply(
-    {"params": params}, text_guidance.doubled(text), null=text_guidance.null, method=Parti.encode
-  )
+  encoded, mask = decoding.encode(model, params, text_guidance, text, context)
   if repeat > 1:  # Each half (conditional, null) of the doubled batch, repeated in place.
     encoded, mask = (jnp.repeat(x, repeat, axis=0) for x in (encoded, mask))
   scale = jnp.repeat(jnp.broadcast_to(jnp.asarray(guidance_scale), (text.shape[0],)), repeat)
@@ -184,14 +211,18 @@ def teacher_forced_logits(config, params, text, tokens, guidance_scale=1.0, repe
   return guidance.guide(logits)
 
 
-def sequence_log_likelihood(config, params, text, tokens, guidance_scale=1.0, repeat: int = 1):
+def sequence_log_likelihood(
+  config, params, text, tokens, guidance_scale=1.0, repeat: int = 1, context=None
+):
   """[B * repeat] log-likelihood of each whole token sequence under the guided model (see
-  `teacher_forced_logits` for `repeat`)."""
-  logits = teacher_forced_logits(config, params, text, tokens, guidance_scale, repeat)
+  `teacher_forced_logits` for `repeat` and `context`)."""
+  logits = teacher_forced_logits(config, params, text, tokens, guidance_scale, repeat, context)
   return decoding.log_prob(logits, tokens).sum(-1)
 
 
-def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64, sweeps=1):
+def refine(
+  config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64, sweeps=1, context=None
+):
   """Iterated conditional modes over the redrawn tokens: at each redrawn position in
   raster order (`sweeps` times), the token becomes the one, of the `top_k` codes likeliest
   there given the tokens before it, that makes the whole sequence likeliest given
@@ -208,6 +239,7 @@ def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64
     guidance_scale: classifier-free guidance, as the candidates were sampled with.
     top_k: codes tried at each position (0: all).
     sweeps: passes over the redrawn positions.
+    context: [B, N] the image context, with the editing head (see `decoding.sample`).
 
   Returns:
     ([B, N] tokens, [B] their whole-sequence log-likelihood).
@@ -218,11 +250,11 @@ def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64
 
   def visit(position, tokens):
     def improve(tokens):
-      logits = teacher_forced_logits(config, params, text, tokens, guidance_scale)
+      logits = teacher_forced_logits(config, params, text, tokens, guidance_scale, context=context)
       codes = jax.lax.top_k(jnp.take(logits, position, axis=1), k)[1]  # [B, k]
       here = jnp.arange(length) == position
       candidates = jnp.where(here, codes[..., None], tokens[:, None, :]).reshape(-1, length)
-      scores = sequence_log_likelihood(config, params, text, candidates, guidance_scale, k)
+      scores = sequence_log_likelihood(config, params, text, candidates, guidance_scale, k, context)
       best = jnp.take_along_axis(codes, scores.reshape(batch, k).argmax(-1)[:, None], 1)
       return jnp.where(here & redraw, best, tokens)
 
@@ -231,4 +263,6 @@ def refine(config, params, text, tokens, redraw, *, guidance_scale=1.0, top_k=64
   tokens = jnp.asarray(tokens, jnp.int32)
   for _ in range(sweeps):
     tokens = jax.lax.fori_loop(0, length, visit, tokens)
-  return tokens, sequence_log_likelihood(config, params, text, tokens, guidance_scale)
+  return tokens, sequence_log_likelihood(
+    config, params, text, tokens, guidance_scale, context=context
+  )

@@ -45,6 +45,9 @@ class SamplingOptions:
     edit_sweeps: for edits, passes of `editing.refine` over each sample's redrawn
       tokens (each set to the code that makes the whole sequence likeliest); 0 keeps
       the samples as drawn.
+    edit_method: "fine_tuned" (the editing head reads the image, `PartiConfig.
+      edit_context`), "zero_shot" (the text-to-image model as trained), or "auto":
+      fine-tuned when the model has the head.
   """
 
   guidance_scale: float = 1.2
@@ -57,9 +60,12 @@ class SamplingOptions:
   prefix_rows: int = 0
   jacobi_window: int = 0
   edit_sweeps: int = 1
+  edit_method: str = "auto"
 
   def __post_init__(self):
     check_types(self)
+    if self.edit_method not in editing.METHODS:
+      raise ConfigError(f"edit_method is {self.edit_method!r}; expected one of {editing.METHODS}.")
     if not 1 <= self.keep <= self.samples:
       raise ConfigError(f"Keep 1 to `samples` ({self.samples}) images per prompt, not {self.keep}.")
     if (
@@ -165,13 +171,20 @@ def make_generator(
     if keep.shape[1]:
       if options.jacobi_window:
         raise ConfigError("Edits decode with the standard sampler: set jacobi_window to 0.")
-      tokens, log_probs = decoding.sample(config, params, text, keys, keep=(kept, keep), **sampling)
+      # Fine-tuned: the head reads each image, its redrawn tokens masked (a plain prompt
+      # in the batch keeps nothing, so it reads an all-masked image: plain generation).
+      context = None
+      if editing.fine_tuned(options.edit_method, config):
+        context = jnp.where(keep, kept, config.mask_id)
+      tokens, log_probs = decoding.sample(
+        config, params, text, keys, keep=(kept, keep), edit_context=context, **sampling
+      )
       if options.edit_sweeps:
         # Rows that keep nothing are plain prompts in an edit batch: left as sampled.
         redraw = ~keep & keep.any(axis=1, keepdims=True)
         tokens, likelihood = editing.refine(
           config, params, text, tokens, redraw, guidance_scale=sampling["guidance_scale"],
-          top_k=options.top_k, sweeps=options.edit_sweeps,
+          top_k=options.top_k, sweeps=options.edit_sweeps, context=context,
         )  # fmt: skip
         log_probs = likelihood[:, None]  # The whole sequence's: all the ranking needs.
     elif options.jacobi_window:

@@ -27,6 +27,7 @@ from parti.modeling import model as model_lib
 from parti.modeling.config import PartiConfig
 from parti.modeling.model import Parti
 from parti.runtime.errors import ConfigError
+from parti.training import edit_masks as edit_masks_lib
 from parti.training import losses
 
 Batch = dict[str, jax.Array]
@@ -43,6 +44,9 @@ TOKEN_FEATURES = (
   "encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"
 )  # fmt: skip
 RAW_IMAGE_FEATURES = ("encoder_input_tokens", "images")
+# The edit masks' key is the step's key folded with this (its microbatches' dropout
+# keys are folded with 0, 1, ...), so that runs without edit masks draw as before.
+_MASK_STREAM = 0x6D61736B
 # (tokenizer params, images [B, H, W, 3]) -> image token ids [B, h, w]
 ImageEncoder = Callable[[Any, jax.Array], jax.Array]
 
@@ -69,9 +73,15 @@ class PartiTrainer:
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     image_encoder: ImageEncoder | None = None,
+    edit_masks: edit_masks_lib.EditMaskConfig | None = None,
   ):
     if microbatches < 1:
       raise ConfigError(f"microbatches must be positive, got {microbatches}.")
+    if edit_masks is not None and not config.edit_context:
+      raise ConfigError(
+        "edit_masks trains the editing head, which this model lacks: set "
+        "PartiConfig.edit_context = True (gin/editing/ does)."
+      )
     self.config = config
     self.model = Parti(config)
     self.optimizer = optimizer
@@ -79,6 +89,7 @@ class PartiTrainer:
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
     self.image_encoder = image_encoder
+    self.edit_masks = edit_masks
 
   # --- Initialization ------------------------------------------------------------------------
 
@@ -111,8 +122,16 @@ class PartiTrainer:
 
   # --- Steps ---------------------------------------------------------------------------------
 
-  def to_model_features(self, batch: Batch, tokenizer_params=None) -> Batch:
-    """Raw images -> image tokens with the frozen tokenizer; token batches pass through."""
+  def to_model_features(self, batch: Batch, tokenizer_params=None, rng=None) -> Batch:
+    """Raw images -> image tokens with the frozen tokenizer; token batches pass through.
+    With `edit_masks`, each example also gets a random region to redraw, drawn from
+    `rng` (see `edit_masks.edit_features`)."""
+    batch = self._image_tokens(batch, tokenizer_params)
+    if self.edit_masks is None:
+      return batch
+    return edit_masks_lib.edit_features(batch, rng, self.config, self.edit_masks)
+
+  def _image_tokens(self, batch: Batch, tokenizer_params) -> Batch:
     if "images" not in batch:
       return batch
     if self.image_encoder is None:
@@ -138,6 +157,7 @@ class PartiTrainer:
       batch["encoder_input_tokens"],
       batch["decoder_input_tokens"],
       enable_dropout=rng is not None,
+      edit_context=batch.get("edit_context_tokens"),
       rngs={"dropout": rng} if rng is not None else None,
     )
     return self._objective(logits, batch)
@@ -199,8 +219,8 @@ class PartiTrainer:
   def train_step(
     self, state: TrainState, batch: Batch, tokenizer_params=None
   ) -> tuple[TrainState, dict[str, jax.Array]]:
-    batch = self.to_model_features(batch, tokenizer_params)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch = self.to_model_features(batch, tokenizer_params, jax.random.fold_in(rng, _MASK_STREAM))
     grads, sums = self.gradients(state.params, batch, rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -213,12 +233,14 @@ class PartiTrainer:
   def eval_sums(self, params, batch: Batch, tokenizer_params=None) -> dict[str, jax.Array]:
     """Summed loss, nll, correct and weight over a batch, without dropout, and how much
     the text helps: the nll of the same targets on the null condition (`nll_null`),
-    and both nlls over the object tokens alone (see `object_token_weights`)."""
-    batch = self.to_model_features(batch, tokenizer_params)
+    and both nlls over the object tokens alone (see `object_token_weights`). Edit masks
+    are drawn from a fixed key, so every evaluation scores the same regions."""
+    batch = self.to_model_features(batch, tokenizer_params, jax.random.key(0))
     text, inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
     targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    with_text = self._logits(params, text, inputs, null=False)
-    without_text = self._logits(params, text, inputs, null=True)
+    context = batch.get("edit_context_tokens")
+    with_text = self._logits(params, text, inputs, null=False, context=context)
+    without_text = self._logits(params, text, inputs, null=True, context=context)
     sums = self._objective(with_text, batch)
     objects = weights * object_token_weights(targets, self.config.image_vocab_size)
     sums["nll_null"] = losses.cross_entropy(without_text, targets, weights)["nll"]
@@ -227,12 +249,12 @@ class PartiTrainer:
     sums["object_weight_sum"] = jnp.sum(objects.astype(jnp.float32))
     return sums
 
-  def _logits(self, params, text: jax.Array, inputs: jax.Array, null: bool) -> jax.Array:
+  def _logits(self, params, text, inputs, null: bool, context=None) -> jax.Array:
     """Teacher-forced logits without dropout, on the text or on the null condition."""
 
     def forward(model: Parti):
       condition = jnp.full((text.shape[0],), null)
-      encoded, mask = model.encode(text, enable_dropout=False, null=condition)
+      encoded, mask = model.encode(text, enable_dropout=False, null=condition, edit_context=context)
       return model.decode(inputs, encoded, mask, enable_dropout=False)
 
     return self.model.apply({"params": params}, method=forward)
