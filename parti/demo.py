@@ -13,10 +13,11 @@ Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are an
   6. infer      batch inference on held-out prompts               parti.infer
   7. evaluate   faithfulness over guidance, and learning curve    parti.evaluate_shapes
 
-`--long` adds, before inference, the super-resolution stage (it does not fit the
-short demo's 15-minute budget on a slow machine), and inference writes each image
-at 192 px beside the tokenizer's 48:
+`--long` adds, before inference, fine-tuning for editing and the super-resolution
+stage (they do not fit the short demo's 15-minute budget on a slow machine), and
+inference writes each image at 192 px beside the tokenizer's 48:
 
+  parti_edit      fine-tune the Parti with the editing head            parti.train
   upsampler_data  the shapes at 192 px with 48 px twins            parti.tasks.prepare_shapes
   upsampler       train the WDSR upsampler, 48 -> 192              parti.train_upsampler
 

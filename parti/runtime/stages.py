@@ -46,8 +46,9 @@ class Stage:
 
 
 def demo_stages(runs: pathlib.Path, long: bool = False) -> list[Stage]:
-  """The demo's seven stages, writing under `runs`; nine for the long variant, whose
-  super-resolution stage (its data and training) fits its budget, not the short one's."""
+  """The demo's seven stages, writing under `runs`; ten for the long variant, whose
+  fine-tuning for editing and super-resolution stage (its data and training) fit its
+  budget, not the short one's."""
   tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
   upsampler = runs / "upsampler"
   plan = [
@@ -67,6 +68,11 @@ def demo_stages(runs: pathlib.Path, long: bool = False) -> list[Stage]:
     Stage(
       "parti", "parti.train", "gin/demo/parti.gin",
       {"MODEL_DIR": str(parti), "PRE_ENCODED_DIR": str(tokens)}, has_long_variant=True,
+    ),
+    Stage(
+      "parti_edit", "parti.train", "gin/demo/parti_edit.gin",
+      {"MODEL_DIR": str(runs / "parti_edit"), "INITIAL_CHECKPOINT_DIR": str(parti),
+       "PRE_ENCODED_DIR": str(tokens)}, long_only=True,
     ),
     Stage(
       "upsampler_data", "parti.tasks.prepare_shapes", "gin/demo/upsampler_data.gin",
