@@ -20,6 +20,9 @@ OUTPUT_DIR receives, per prompt (numbered by its place in the prompt list):
   timing-HHHHH.json     where this run's time went, per host: loading, the first
                         sampler call (compiling), the sampler after it, the rest
   report.md             per-category and per-challenge tables, for PartiPrompts-style prompts
+  geneval/NNNNN/        for a GenEval metadata file as PROMPTS: GenEval's layout,
+                        metadata.jsonl and samples/NNNN.png (the kept images), which
+                        GenEval's scorer or parti.evaluate_geneval reads
   options.json          what the images were made with, and config.gin
 
 A rerun skips the prompts whose manifest line and files exist, so a killed job
@@ -56,7 +59,7 @@ import numpy as np
 from absl import logging
 
 from parti import partitioning
-from parti.evaluation import gallery, prompt_report
+from parti.evaluation import gallery, geneval, prompt_report
 from parti.modeling import checkpoint_io, contrastive
 from parti.runtime import files, gin_utils, metric_logging
 from parti.runtime import images as images_io
@@ -75,6 +78,7 @@ from parti.sampling.prompts import Prompt, PromptEncoder, read_prompts
 OPTIONS_FILE = "options.json"
 GALLERY = "index.html"
 REPORT = "report.md"
+GENEVAL_DIR = "geneval"
 
 
 # --- Outputs --------------------------------------------------------------------------------------
@@ -232,11 +236,29 @@ def infer(
       _write_gallery(out, all_prompts, checkpoint_dir, step)
   if not num_batches:
     _write_gallery(out, all_prompts, checkpoint_dir, step)
+  if jax.process_index() == 0 and geneval.is_metadata_file(prompts):
+    _write_geneval_layout(out, prompts)  # After the gallery's barrier: every host is done.
   if generate.calls:
     timing = generate.timing(job_start, time.perf_counter())
     logging.info("Where the time went: %s", timing)
     files.atomic_write_json(out / f"timing-{jax.process_index():05d}.json", timing)
   return written
+
+
+def _write_geneval_layout(out: pathlib.Path, metadata_file: str) -> None:
+  """GenEval's folders (`geneval/<index>/metadata.jsonl`, `samples/NNNN.png`: each
+  metadata line's kept images, best first) from the finished prompts, so that GenEval's
+  own scorer, or `parti.evaluate_geneval`, reads this run's images."""
+  lines = geneval.read_metadata(metadata_file)
+  done = manifests.finished_prompts(out)
+  images = []
+  for line in lines:
+    entry = done.get(" ".join(line["prompt"].split()))
+    images.append([out / name for name in entry["files"]] if entry else [])
+  written = geneval.write_layout(out / GENEVAL_DIR, lines, images)
+  logging.info(
+    "GenEval layout: %d images of %d prompts in %s.", written, len(lines), out / GENEVAL_DIR
+  )
 
 
 def load_upsampler(upsampler_dir: str | None, tok_config):

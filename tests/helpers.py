@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -221,3 +223,21 @@ def decompression_bomb_png(side: int = 20_000) -> bytes:
   data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
   header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale.
   return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def read_geneval_folder(imagedir):
+  """GenEval's reader, rewritten from its documented layout (README, "Image generation" and
+  evaluate_images.py's loop), not imported: numbered folders, each a metadata.jsonl of one
+  JSON object and samples/<digits>.png."""
+  found = []
+  for subfolder in os.listdir(imagedir):
+    folderpath = os.path.join(imagedir, subfolder)
+    if not os.path.isdir(folderpath) or not subfolder.isdigit():
+      continue
+    with open(os.path.join(folderpath, "metadata.jsonl")) as fp:
+      metadata = json.load(fp)
+    for imagename in os.listdir(os.path.join(folderpath, "samples")):
+      imagepath = os.path.join(folderpath, "samples", imagename)
+      if os.path.isfile(imagepath) and re.match(r"\d+\.png", imagename):
+        found.append((int(subfolder), metadata, imagepath))
+  return sorted(found, key=lambda x: (x[0], x[2]))

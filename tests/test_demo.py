@@ -19,7 +19,12 @@ def test_every_stage_runs_the_job_its_gin_file_names(tmp_path):
   assert len(stages.demo_stages(tmp_path)) == 7
   long_plan = stages.demo_stages(tmp_path, long=True)
   assert [s.name for s in long_plan][-6:] == [
-    "parti", "parti_edit", "upsampler_data", "upsampler", "infer", "evaluate"
+    "parti",
+    "parti_edit",
+    "upsampler_data",
+    "upsampler",
+    "infer",
+    "evaluate",
   ]
   for long in (False, True):
     for stage in stages.demo_stages(tmp_path, long):

@@ -96,9 +96,7 @@ def test_the_head_starts_as_copies_of_the_decoders_tables(null_condition):
   base_config = tiny_run_config(num_decoder_layers=1, null_condition=null_condition)
   base = jax.jit(lambda: nn.meta.unbox(model_lib.init_params(base_config, jax.random.key(0))))()
   edit_config = base_config.replace(edit_context=True)
-  expected = jax.tree_util.tree_structure(
-    nn.meta.unbox(model_lib.abstract_params(edit_config))
-  )
+  expected = jax.tree_util.tree_structure(nn.meta.unbox(model_lib.abstract_params(edit_config)))
   added = model_lib.with_edit_context(base)
   assert jax.tree_util.tree_structure(added) == expected
   head, decoder = added["encoder"]["image_context"], base["decoder"]

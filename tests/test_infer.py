@@ -9,7 +9,13 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from helpers import as_gin, decompression_bomb_png, run_on_two_hosts, tiny_run_config
+from helpers import (
+  as_gin,
+  decompression_bomb_png,
+  read_geneval_folder,
+  run_on_two_hosts,
+  tiny_run_config,
+)
 from PIL import Image
 
 from parti import infer, partitioning
@@ -701,3 +707,32 @@ def test_fine_tuned_edits_go_through_the_editing_head_and_a_model_without_one_is
     assert json.loads((out / infer.OPTIONS_FILE).read_text())["edits_made"] == made
     assert "edit" not in plain and edit["edit"]["redrawn_tokens"] == 4
     assert (out / edit["files"][0]).is_file() and (out / plain["files"][0]).is_file()
+
+
+def test_a_geneval_metadata_file_comes_out_in_geneval_folders_that_score(
+  tmp_path, parti_run, trained_tokenizer
+):
+  from parti import evaluate_geneval
+  from parti.evaluation import geneval
+  from parti.tasks.shapes import scenes
+
+  lines = [geneval.metadata_for_scene(scenes.make_scene(0, "test", i)) for i in range(3)]
+  metadata = tmp_path / "evaluation_metadata.jsonl"
+  metadata.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  out = tmp_path / "out"
+  options = dataclasses.replace(OPTIONS, samples=2, keep=2)
+  entries = run(out, parti_run, trained_tokenizer, metadata, options=options)
+  assert len(entries) == 3
+  found = read_geneval_folder(out / infer.GENEVAL_DIR)
+  assert [(index, meta) for index, meta, _ in found] == [
+    (i, lines[i]) for i in range(3) for _ in "ab"
+  ]
+  by_prompt = {e["prompt"]: e for e in entries}
+  for _, meta, path in found:  # The kept images, best first.
+    rank = int(pathlib.Path(path).stem)
+    kept = out / by_prompt[meta["prompt"]]["files"][rank]
+    assert pathlib.Path(path).read_bytes() == kept.read_bytes()
+  summary = evaluate_geneval.evaluate_geneval(
+    image_dir=str(out / infer.GENEVAL_DIR), output_dir=str(tmp_path / "scores")
+  )
+  assert summary["images"] == 6 and set(summary["tasks"]) <= set(geneval.TAGS)

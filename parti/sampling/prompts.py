@@ -145,6 +145,9 @@ _REQUEST_FIELDS = {
   "image": str, "mask": str, "box": list, "extend": list,
 }  # fmt: skip
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "4 integers"}
+# A GenEval metadata line is a request too (`parti.evaluation.geneval`): its clauses say
+# what the image must show, for the scorer; `parti.infer` writes GenEval's folders.
+_GENEVAL_FIELDS = ("tag", "include", "exclude")
 
 
 def _is_a(value, kind: type) -> bool:
@@ -177,9 +180,15 @@ def _request_file_prompts(path: pathlib.Path, image_root: str | None = None) -> 
       raise ConfigError(f"{where} is not JSON ({error}): {line[:120]!r}") from None
     if not isinstance(request, dict):
       raise ConfigError(f"{where} is not a JSON object: {line[:120]!r}")
+    if any(field in request for field in _GENEVAL_FIELDS):
+      from parti.evaluation import geneval
+
+      geneval.check_line(request, where)
+      request = {k: v for k, v in request.items() if k not in _GENEVAL_FIELDS}
     unknown = sorted(set(request) - set(_REQUEST_FIELDS))
     if unknown:
-      raise ConfigError(f"{where} has unknown fields {unknown}; known: {sorted(_REQUEST_FIELDS)}.")
+      known = sorted([*_REQUEST_FIELDS, *_GENEVAL_FIELDS])
+      raise ConfigError(f"{where} has unknown fields {unknown}; known: {known}.")
     for name, kind in _REQUEST_FIELDS.items():
       if not _is_a(request.get(name), kind):
         raise ConfigError(
