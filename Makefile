@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: demo demo-long device-check test test-fast lint format bench bench-peer clean
+.PHONY: demo demo-long device-check test test-fast browser lint format bench bench-peer clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,20 @@ device-check: $(STAMP)
 	$(BIN)/python -m parti.device_check --gin_file=gin/runs/device_check.gin \
 	  --gin.MODEL_DIR=$(RUNS)/device_check
 
-## test: install, then lint and run the whole test suite.
-test: $(STAMP) lint
+## test: install, then lint and run the whole test suite. As root on Debian it also
+## installs chromium and chromedriver (Debian's packages) for the rating app's browser test.
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
+
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's chromium and chromium-driver for the browser test"; \
+	  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
+	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+	       chromium chromium-driver >/dev/null; }; \
+	else echo "No chromium/chromedriver and not root on Debian: the browser test is skipped" \
+	  "(apt-get install chromium chromium-driver)."; fi
 
 ## test-fast: the suite without tests marked slow.
 test-fast: $(STAMP) lint

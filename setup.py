@@ -77,8 +77,19 @@ _INSTALL_REQUIRES = [
 ]
 
 _EXTRAS_REQUIRE = {
-  # scipy: the tests check parti.evaluation.fid against its matrix square root.
-  "dev": ["pytest>=9.2.0", "ruff>=0.17.6", "scipy>=1.17.1", "setuptools>=69", "wheel"],
+  # The side-by-side rating app (parti.rate): a small web framework.
+  "rating": ["flask>=3.1.3"],
+  # scipy: the tests check parti.evaluation.fid against its matrix square root. selenium
+  # drives Debian's chromium in the rating app's browser test (make test installs it).
+  "dev": [
+    "flask>=3.1.3",
+    "pytest>=9.2.0",
+    "ruff>=0.17.6",
+    "scipy>=1.17.1",
+    "selenium>=4.51.0",
+    "setuptools>=69",
+    "wheel",
+  ],
   # The peer the speed benches measure beside us in the same run (bench/peer.py):
   # parti-pytorch imports torchvision, and these two are the pair that import together
   # from the package index (about 5.5 GB with torch's CUDA libraries; the benches use
