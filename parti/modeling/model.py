@@ -43,6 +43,19 @@ def _token_embedding(vocab_size: int, embed_dim: int) -> nn.Embed:
   )
 
 
+def _grid_embedding(module: nn.Module, config: PartiConfig):
+  """Declares `module`'s learned row and column tables (called inside its compact
+  `__call__`); returns positions [N] (raster order) -> their embeddings [N, D]."""
+  rows, cols = config.image_grid
+
+  def table(name: str, size: int) -> jax.Array:
+    init = nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed"))
+    return module.param(name, init, (size, config.embed_dim), jnp.float32)
+
+  row, col = table("row_embedding", rows), table("col_embedding", cols)
+  return lambda positions: row[positions // cols] + col[positions % cols]
+
+
 def padded_vocab(size: int) -> int:
   return -(-size // _VOCAB_PAD) * _VOCAB_PAD
 
@@ -307,22 +320,8 @@ class ImageContext(nn.Module):
   @nn.compact
   def __call__(self, context: jax.Array) -> jax.Array:
     cfg = self.config
-    rows, cols = cfg.image_grid
     embed = _token_embedding(cfg.image_vocab_size + 1, cfg.embed_dim)  # + the mask id
-    row_embedding = self.param(
-      "row_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
-      (rows, cfg.embed_dim),
-      jnp.float32,
-    )
-    col_embedding = self.param(
-      "col_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
-      (cols, cfg.embed_dim),
-      jnp.float32,
-    )
-    positions = jnp.arange(context.shape[1])
-    return embed(context) + row_embedding[positions // cols] + col_embedding[positions % cols]
+    return embed(context) + _grid_embedding(self, cfg)(jnp.arange(context.shape[1]))
 
 
 class ImageDecoder(nn.Module):
@@ -340,7 +339,6 @@ class ImageDecoder(nn.Module):
     decode: bool = False,
   ) -> jax.Array:
     cfg = self.config
-    rows, cols = cfg.image_grid
     embed = _token_embedding(cfg.image_vocab_size + 1, cfg.embed_dim)  # + BOS
     length = tokens.shape[1]
     positions = jnp.arange(length)
@@ -353,19 +351,7 @@ class ImageDecoder(nn.Module):
     # a token's place in the grid was 2% of its input and, after the pre-norm, near
     # invisible, so small runs learned where objects go (and so what the prompt
     # asks for there) very late.
-    row_embedding = self.param(
-      "row_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
-      (rows, cfg.embed_dim),
-      jnp.float32,
-    )
-    col_embedding = self.param(
-      "col_embedding",
-      nn.with_logical_partitioning(_EMBED_INIT, ("abspos_buckets", "embed")),
-      (cols, cfg.embed_dim),
-      jnp.float32,
-    )
-    x = embed(tokens) + row_embedding[positions // cols] + col_embedding[positions % cols]
+    x = embed(tokens) + _grid_embedding(self, cfg)(positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     causal = nn.make_causal_mask(tokens, dtype=jnp.bool_)
     x = _stack(
