@@ -30,10 +30,11 @@ device-check: $(STAMP)
 	$(BIN)/python -m parti.device_check --gin_file=gin/runs/device_check.gin \
 	  --gin.MODEL_DIR=$(RUNS)/device_check
 
-## test: install, then lint and run the whole test suite. As root on Debian it also
+## test: install, then lint and run the whole test suite, a worker per core (pytest-xdist;
+## each test file runs on one worker, so its module fixtures are made once). As root on Debian it also
 ## installs chromium and chromedriver (Debian's packages) for the rating app's browser test.
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
