@@ -81,9 +81,12 @@ _EXTRAS_REQUIRE = {
   "rating": ["flask>=3.1.3"],
   # scipy: the tests check parti.evaluation.fid against its matrix square root. selenium
   # drives Debian's chromium in the rating app's browser test (make test installs it).
+  # pytest-xdist: make test runs the suite on every core (its tests compile, mostly on one
+  # thread each).
   "dev": [
     "flask>=3.1.3",
     "pytest>=9.2.0",
+    "pytest-xdist>=3.8.0",
     "ruff>=0.17.6",
     "scipy>=1.17.1",
     "selenium>=4.51.0",
