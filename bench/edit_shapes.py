@@ -259,7 +259,11 @@ def fine_tuned_edits(finetuned, chosen, text, texts, keys, kept, keep, redraw):
   )
   nothing = np.zeros_like(keep)
   generated, generated_lp = sample(
-    params, text, keys, kept, nothing, np.full_like(kept, config.mask_id)
+    params,
+    text,
+    keys,
+    kept,
+    nothing,  # No context: the head reads an all-masked image.
   )
   best = np.asarray(generated_lp).reshape(tasks, samples, -1).sum(-1).argmax(-1)
   chosen["fine-tuned generation"] = np.asarray(generated).reshape(tasks, samples, -1)[

@@ -23,8 +23,6 @@ from parti.rating import results
 from parti.rating.store import RatingStore
 from parti.runtime.errors import ConfigError
 
-flask = pytest.importorskip("flask", reason="the rating extra (Flask) is not installed")
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROMPTS = [
   ("a red circle", "Abstract", "Basic"),
