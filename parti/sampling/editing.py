@@ -1,5 +1,5 @@
-"""Editing: inpainting, outpainting and text-guided region edits with the text-to-image
-model as trained (zero-shot).
+"""Editing: inpainting, outpainting and text-guided region edits, zero-shot with the
+text-to-image model as trained, or through the fine-tuned editing head.
 
 A request names an image, the region to redraw, and the prompt of the finished image:
 
@@ -16,7 +16,9 @@ are drawn given everything before them; the candidates (`SamplingOptions.samples
 then ranked by the log-likelihood of the whole sequence, which includes the kept
 tokens after the masked region: a filling that makes what follows it unlikely loses.
 That is the zero-shot way an autoregressive model can see the suffix it cannot attend
-to. With one sample, the suffix is ignored: the naive baseline.
+to. With one sample, the suffix is ignored: the naive baseline. A model fine-tuned for
+editing (`PartiConfig.edit_context`, `edit_method`) also reads the whole image, the
+redrawn tokens masked, in its encoder (`decoding.sample(edit_context=...)`).
 
 Every request is read and checked before anything is generated; a bad one (unreadable
 image or mask, a mask of another size, a box outside the image, a region that is empty
