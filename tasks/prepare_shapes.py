@@ -85,7 +85,10 @@ def _write_preview(shapes: builder.PartiShapes, path: pathlib.Path, count: int =
   count = min(count, config.split_sizes["test"])
   if count == 0:
     return
-  chosen = [scenes.make_scene(config.seed, "test", i, config.held_out) for i in range(count)]
+  chosen = [
+    scenes.make_scene(config.seed, "test", i, config.held_out, config.placement)
+    for i in range(count)
+  ]
   images = [render.render(scene, config.image_size) for scene in chosen]
   files.atomic_write_bytes(path, contact_sheet.contact_sheet(images, [s.caption for s in chosen]))
   print(f"Wrote a preview of the test split to {path}")

@@ -170,3 +170,34 @@ def test_evaluator_on_a_blank_image_and_bad_shapes():
 def test_unknown_split_is_rejected():
   with pytest.raises(ValueError, match="Unknown split 'dev'"):
     scenes.make_scene(0, "dev", 0)
+
+
+def test_centered_placement_puts_each_object_at_its_cell_center_with_one_side_per_size():
+  centered = [scenes.make_scene(0, "test", i, placement="centered") for i in range(200)]
+  jittered = _scenes("test", 200)
+  sides = {size: (low + high) / 2 for size, (low, high) in spec.SIZE_RANGES.items()}
+  for scene in centered:
+    for obj in scene.objects:
+      row, col = divmod(obj.position, 3)
+      assert obj.center == pytest.approx(((row + 0.5) / 3, (col + 0.5) / 3))
+      assert obj.side == pytest.approx(sides[obj.size])
+  # Only the placement differs: the same prompts, objects and backgrounds.
+  assert [s.caption for s in centered] == [s.caption for s in jittered]
+  assert [[(o.color, o.shape, o.size, o.position) for o in s.objects] for s in centered] == [
+    [(o.color, o.shape, o.size, o.position) for o in s.objects] for s in jittered
+  ]
+  # At 48 px each cell is one 16 px patch, and every patch is one of a few drawings.
+  patches = {
+    render.render(s, 48)[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].tobytes()
+    for s in centered
+    for r in range(3)
+    for c in range(3)
+  }
+  assert len(patches) < 4 * len(centered)
+  results = [(s.kind, evaluate.score(render.render(s, 48), s)) for s in centered]
+  assert evaluate.aggregate(results)["overall"]["all"] >= 0.99
+
+
+def test_unknown_placement_is_rejected():
+  with pytest.raises(ValueError, match="Unknown placement 'scattered'"):
+    scenes.make_scene(0, "test", 0, placement="scattered")

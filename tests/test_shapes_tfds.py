@@ -33,8 +33,11 @@ def test_named_configs():
   names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
   assert names == {
     "32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48,
-    "256_from_64": 256, "192_from_48": 192,
+    "48_20k_centered": 48, "256_from_64": 256, "192_from_48": 192,
   }  # fmt: skip
+  placements = {c.name: c.placement for c in builder.PartiShapes.BUILDER_CONFIGS}
+  assert placements.pop("48_20k_centered") == "centered"
+  assert set(placements.values()) == {"jittered"}
   lows = {c.name: c.low_resolution for c in builder.PartiShapes.BUILDER_CONFIGS if c.low_resolution}
   assert lows == {"256_from_64": 64, "192_from_48": 48}
   assert builder.PartiShapes.DEFAULT_CONFIG_NAME == "64"
@@ -51,6 +54,7 @@ def test_named_configs():
     (dict(held_out=[("teal", "circle")]), "unknown color"),
     (dict(image_size=64, low_resolution=64), "low_resolution must lie in"),
     (dict(image_size=64, low_resolution=8), "low_resolution must lie in"),
+    (dict(placement="random"), "Unknown placement 'random'"),
   ],
 )
 def test_bad_config(kwargs, message):

@@ -4,7 +4,8 @@ Importing this module registers the builder with TFDS; then, for example,
 `tfds.load("parti_shapes/64", split="test", data_dir=...)` prepares and reads it.
 
 Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
-training examples; `64_10k` and `48_20k` (the demo's) are smaller cuts. A custom
+training examples; `64_10k`, `48_20k` and `48_20k_centered` (the demo's, objects centered in their cells)
+are smaller cuts. A custom
 size or count is a `PartiShapesConfig` passed as `config=`. Example i of split s is
 a pure function of (seed, s, i), so every machine prepares the same bytes.
 
@@ -39,13 +40,15 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
     held_out: Sequence[tuple[str, str]] = spec.DEFAULT_HELD_OUT,
     seed: int = 0,
     low_resolution: int | None = None,
+    placement: str = "jittered",
     **kwargs,
   ):
     kwargs.setdefault("name", str(image_size))
     kwargs.setdefault(
       "description",
       f"{image_size}x{image_size} images; {num_train} train, {num_validation} validation, "
-      f"{num_test} test and {num_compositional} compositional examples; seed {seed}.",
+      f"{num_test} test and {num_compositional} compositional examples; seed {seed}; "
+      f"{placement} objects.",
     )
     super().__init__(**kwargs)
     for pair in held_out:
@@ -57,7 +60,10 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
       raise ValueError(
         f"low_resolution must lie in [16, image_size={image_size}), got {low_resolution}."
       )
+    if placement not in spec.PLACEMENTS:
+      raise ValueError(f"Unknown placement {placement!r}; known: {spec.PLACEMENTS}.")
     self.image_size = image_size
+    self.placement = placement
     self.low_resolution = low_resolution
     self.split_sizes = {
       "train": num_train,
@@ -84,6 +90,11 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     # The demo's: 48 px puts each cell of the 3x3 layout on a 16 px patch.
     PartiShapesConfig(name="48_20k", image_size=48, num_train=20_000, num_validation=500,
                       num_test=500, num_compositional=500),
+    # The same with each object centered in its cell, one side per size: every object
+    # is one of a few drawings, so one code per cell can keep every scene.
+    PartiShapesConfig(name="48_20k_centered", image_size=48, num_train=20_000,
+                      num_validation=500, num_test=500, num_compositional=500,
+                      placement="centered"),
     # The upsampler's: each scene rendered at 256 px and at 64 px; and the long demo's,
     # at 192 px and at the demo tokenizer's 48 px.
     PartiShapesConfig(name="256_from_64", image_size=256, low_resolution=64, num_train=8_000,
@@ -143,7 +154,7 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str):
     config = self.builder_config
     for index in range(config.split_sizes[split]):
-      scene = scenes.make_scene(config.seed, split, index, config.held_out)
+      scene = scenes.make_scene(config.seed, split, index, config.held_out, config.placement)
       example = scenes.to_example(scene)
       example["image"] = render.render(scene, config.image_size)
       if config.low_resolution is not None:

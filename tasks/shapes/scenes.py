@@ -10,7 +10,10 @@ Each prompt kind is named after a PartiPrompts challenge aspect:
   linguistic   "a circle that is red", "to the left of a blue square there is a red circle"
 
 Objects sit in distinct cells of a 3x3 grid, each inside its cell, so they never
-overlap and never leave the canvas.
+overlap and never leave the canvas. Placement "jittered" (the default) moves each object
+off its cell's center and draws its side from its size's range; "centered" puts it at
+the center with the middle of that range, so that an object is one of a few drawings
+(the demo's choice: a tokenizer with one code per cell can then keep every scene).
 """
 
 from __future__ import annotations
@@ -38,13 +41,18 @@ class _Style:
 
   background: str
   held_out: frozenset[tuple[str, str]]
+  centered: bool = False
 
   def allowed(self, color: str, shape: str) -> bool:
     return (color, shape) not in self.held_out and spec.CLASHES.get(color) != self.background
 
 
 def make_scene(
-  seed: int, split: str, index: int, held_out: HeldOut = spec.DEFAULT_HELD_OUT
+  seed: int,
+  split: str,
+  index: int,
+  held_out: HeldOut = spec.DEFAULT_HELD_OUT,
+  placement: str = "jittered",
 ) -> spec.Scene:
   """Example `index` of `split`: the same arguments always give the same scene.
 
@@ -54,24 +62,29 @@ def make_scene(
       (color, shape) pairs, which the other splits never show.
     index: example index within the split.
     held_out: the held-out (color, shape) pairs.
+    placement: one of spec.PLACEMENTS: "jittered" objects move within their cells
+      and vary in side; "centered" ones sit at their cells' centers, one side per size.
 
   Returns:
     The scene, with its caption.
   """
   if split not in spec.SPLITS:
     raise ValueError(f"Unknown split {split!r}; known: {spec.SPLITS}.")
+  if placement not in spec.PLACEMENTS:
+    raise ValueError(f"Unknown placement {placement!r}; known: {spec.PLACEMENTS}.")
+  centered = placement == "centered"
   rng = np.random.default_rng([seed, spec.SPLITS.index(split), index])
   kind = spec.KINDS[rng.integers(len(spec.KINDS))]
   if rng.random() < _GRAY_PROBABILITY:
     background = spec.DEFAULT_BACKGROUND
   else:
     background = ("white", "black")[rng.integers(2)]
-  style = _Style(background, frozenset(map(tuple, held_out)))
+  style = _Style(background, frozenset(map(tuple, held_out)), centered)
   forced = None
   if split == "compositional":
     candidates = [pair for pair in held_out if spec.CLASHES.get(pair[0]) != background]
     forced = tuple(candidates[rng.integers(len(candidates))])
-    style = _Style(background, frozenset())
+    style = _Style(background, frozenset(), centered)
   scene = _BUILDERS[kind](rng, style, forced)
   if background != spec.DEFAULT_BACKGROUND:
     scene = dataclasses.replace(
@@ -102,14 +115,17 @@ def _pick_pair(rng, style: _Style, exclude=(), distinct_from=()) -> tuple[str, s
   return pairs[rng.integers(len(pairs))]
 
 
-def _place(rng, pair: tuple[str, str], cell: int, size: str) -> spec.SceneObject:
+def _place(rng, style: _Style, pair: tuple[str, str], cell: int, size: str) -> spec.SceneObject:
   """An object of `size` whose bounding box lies inside grid `cell`."""
   low, high = spec.SIZE_RANGES[size]
-  side = float(rng.uniform(low, high))
   row, col = divmod(cell, 3)
+  # Drawn for centered objects too, so that both placements draw the same scenes.
+  side = float(rng.uniform(low, high))
   slack = (_CELL - side) / 2 * _JITTER
   y = (row + 0.5) * _CELL + float(rng.uniform(-slack, slack))
   x = (col + 0.5) * _CELL + float(rng.uniform(-slack, slack))
+  if style.centered:
+    y, x, side = (row + 0.5) * _CELL, (col + 0.5) * _CELL, (low + high) / 2
   return spec.SceneObject(pair[0], pair[1], size, cell, (y, x), side)
 
 
@@ -136,13 +152,13 @@ def _noun(obj: spec.SceneObject, size: bool = False) -> str:
 
 def _basic(rng, style, forced):
   pair = forced or _pick_pair(rng, style)
-  obj = _place(rng, pair, _cells(rng, 1)[0], _random_size(rng))
+  obj = _place(rng, style, pair, _cells(rng, 1)[0], _random_size(rng))
   return spec.Scene(_noun(obj), "basic", style.background, (obj,))
 
 
 def _detail(rng, style, forced):
   pair = forced or _pick_pair(rng, style)
-  obj = _place(rng, pair, _cells(rng, 1)[0], _random_size(rng))
+  obj = _place(rng, style, pair, _cells(rng, 1)[0], _random_size(rng))
   where = spec.POSITION_PHRASES[spec.POSITIONS[obj.position]]
   return spec.Scene(
     f"{_noun(obj, size=True)} {where}",
@@ -166,8 +182,8 @@ def _positioned_pair(rng, style, forced):
   # The subject comes first in reading order for "left of" and "above".
   if relation in ("to the right of", "below"):
     cells = cells[::-1]
-  subject = _place(rng, first, cells[0], _random_size(rng))
-  reference = _place(rng, second, cells[1], _random_size(rng))
+  subject = _place(rng, style, first, cells[0], _random_size(rng))
+  reference = _place(rng, style, second, cells[1], _random_size(rng))
   return (subject, reference), relation
 
 
@@ -186,7 +202,7 @@ def _quantity(rng, style, forced):
   count = int(rng.integers(2, 5))
   pair = forced or _pick_pair(rng, style)
   size = _random_size(rng)
-  objects = tuple(_place(rng, pair, cell, size) for cell in _cells(rng, count))
+  objects = tuple(_place(rng, style, pair, cell, size) for cell in _cells(rng, count))
   caption = f"{spec.NUMBER_WORDS[count]} {pair[0]} {spec.PLURALS[pair[1]]}"
   return spec.Scene(caption, "quantity", style.background, objects)
 
@@ -196,7 +212,7 @@ def _complex(rng, style, forced):
   while len(pairs) < 3:
     pairs.append(_pick_pair(rng, style, distinct_from=pairs))
   objects = tuple(
-    _place(rng, pair, cell, _random_size(rng))
+    _place(rng, style, pair, cell, _random_size(rng))
     for pair, cell in zip(pairs, _cells(rng, 3), strict=True)
   )
   caption = f"{_noun(objects[0])}, {_noun(objects[1])} and {_noun(objects[2])}"

@@ -47,6 +47,9 @@ SIZE_RANGES: dict[str, tuple[float, float]] = {
   "small": (0.9 / 6, 1.1 / 6),
   "large": (0.78 / 3, 0.88 / 3),
 }
+# How objects sit in their cells (scenes.make_scene): moved and resized at random, or
+# at the cell's center with the middle of their size's range.
+PLACEMENTS = ("jittered", "centered")
 # Bounding-box sides above this fraction of S read as large.
 SIZE_THRESHOLD = 0.22
 
