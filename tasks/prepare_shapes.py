@@ -31,23 +31,25 @@ def prepare_shapes(
   num_train: int | None = None,
   num_eval: int | None = None,
   seed: int = 0,
+  placement: str | None = None,
 ) -> builder.PartiShapes:
   """Prepares a named config, or a custom one when sizes or counts are given.
 
   Args:
     data_dir: the TFDS data dir.
-    config: a named config (32, 64, 128, 256, 64_10k, 48_20k, 256_from_64,
-      192_from_48), or the name of a custom one.
+    config: a named config (32, 64, 128, 256, 64_10k, 48_20k, 48_20k_centered,
+      256_from_64, 192_from_48), or the name of a custom one.
     image_size: for a custom config, the image side.
     num_train: for a custom config, training examples.
     num_eval: for a custom config, examples in each of validation, test and compositional.
     seed: for a custom config, the dataset seed.
+    placement: for a custom config, "jittered" (the default) or "centered" objects.
 
   Returns:
     The prepared builder.
   """
   named = {c.name: c for c in builder.PartiShapes.BUILDER_CONFIGS}
-  custom = image_size is not None or num_train is not None or num_eval is not None
+  custom = any(v is not None for v in (image_size, num_train, num_eval, placement))
   if custom:
     if config in named:
       raise ConfigError(
@@ -61,6 +63,7 @@ def prepare_shapes(
       num_test=num_eval or 500,
       num_compositional=num_eval or 500,
       seed=seed,
+      placement=placement or "jittered",
     )
   elif config in named:
     shapes_config = named[config]

@@ -1,6 +1,6 @@
 """Registers Parti's seqio tasks; import this module (or `import parti.tasks.registry` in gin).
 
-Tasks, for each `parti_shapes` config C (32, 64, 128, 256, 64_10k, 48_20k):
+Tasks, for each `parti_shapes` config C (32, 64, 128, 256, 64_10k, 48_20k, 48_20k_centered):
 
   parti_shapes_C           caption tokens + raw image (tokenized in the train step)
   parti_shapes_C_images    images only, for tokenizer training

@@ -70,3 +70,23 @@ def test_evaluator_reads_prepared_examples(prepared):
   ]
   assert len(results) == 8
   assert all(r["count"] and r["color"] for _, r in results)
+
+
+def test_a_custom_centered_config_is_prepared_with_centered_objects(tmp_path):
+  from parti.runtime.errors import ConfigError
+  from parti.tasks import prepare_shapes
+
+  shapes = prepare_shapes.prepare_shapes(
+    data_dir=str(tmp_path), config="tiny_centered", image_size=48, num_train=6, num_eval=3,
+    placement="centered",
+  )  # fmt: skip
+  for example in tfds.as_numpy(shapes.as_dataset(split="test")):
+    scene = scenes.from_example(example)
+    expected = scenes.make_scene(0, "test", int(example["index"]), placement="centered")
+    assert scene.caption == expected.caption
+    np.testing.assert_array_equal(example["image"], render.render(expected, 48))
+    for obj in scene.objects:
+      row, col = divmod(obj.position, 3)
+      np.testing.assert_allclose(obj.center, ((row + 0.5) / 3, (col + 0.5) / 3), atol=1e-6)
+  with pytest.raises(ConfigError, match="needs a new name"):
+    prepare_shapes.prepare_shapes(data_dir=str(tmp_path), config="48_20k", placement="centered")
