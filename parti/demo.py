@@ -1,7 +1,7 @@
 """The end-to-end demo: every stage of the system, each run as its real job with its gin file.
 
     python -m parti.demo --runs_dir=runs/demo              # about 8 minutes on 2 CPU cores
-    python -m parti.demo --runs_dir=runs/demo_long --long  # about 25 minutes, trained longer
+    python -m parti.demo --runs_dir=runs/demo_long --long  # about 35 minutes, trained longer
 
 Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
 
@@ -9,7 +9,7 @@ Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are an
   2. vocab      train the SentencePiece vocabulary on captions    parti.tasks.train_vocab
   3. tokenizer  train the ViT-VQGAN (3x3 tokens of 512 codes)     parti.tokenizer.train
   4. encode     pre-encode the dataset to image tokens            parti.tokenizer.encode
-  5. parti      train the tiny Parti with CFG dropout             parti.train
+  5. parti      train a small Parti with CFG dropout              parti.train
   6. infer      batch inference on held-out prompts               parti.infer
   7. evaluate   faithfulness over guidance, and learning curve    parti.evaluate_shapes
 
@@ -169,6 +169,6 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that parti.scaling can import this module.
   flags.DEFINE_string("runs_dir", "runs/demo", "Where every stage writes.")
-  flags.DEFINE_bool("long", False, "The longer variant (~25 minutes): more training.")
+  flags.DEFINE_bool("long", False, "The longer variant (~35 minutes): more training.")
   flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
   app.run(main)
