@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from parti.runtime.errors import ConfigError
+from parti.tasks import prepare_shapes
 from parti.tasks.shapes import builder, evaluate, render, scenes, spec
 
 
@@ -73,9 +75,6 @@ def test_evaluator_reads_prepared_examples(prepared):
 
 
 def test_a_custom_centered_config_is_prepared_with_centered_objects(tmp_path):
-  from parti.runtime.errors import ConfigError
-  from parti.tasks import prepare_shapes
-
   shapes = prepare_shapes.prepare_shapes(
     data_dir=str(tmp_path), config="tiny_centered", image_size=48, num_train=6, num_eval=3,
     placement="centered",

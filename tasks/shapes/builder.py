@@ -4,9 +4,9 @@ Importing this module registers the builder with TFDS; then, for example,
 `tfds.load("parti_shapes/64", split="test", data_dir=...)` prepares and reads it.
 
 Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
-training examples; `64_10k`, `48_20k` and `48_20k_centered` (the demo's, objects centered in their cells)
-are smaller cuts. A custom
-size or count is a `PartiShapesConfig` passed as `config=`. Example i of split s is
+training examples; `64_10k`, `48_20k` and `48_20k_centered` (the demo's: objects
+centered in their cells) are smaller cuts. A custom size, count or placement is a
+`PartiShapesConfig` passed as `config=`. Example i of split s is
 a pure function of (seed, s, i), so every machine prepares the same bytes.
 
 A config with `low_resolution` also renders each scene at that side, as
@@ -60,8 +60,7 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
       raise ValueError(
         f"low_resolution must lie in [16, image_size={image_size}), got {low_resolution}."
       )
-    if placement not in spec.PLACEMENTS:
-      raise ValueError(f"Unknown placement {placement!r}; known: {spec.PLACEMENTS}.")
+    spec.check_placement(placement)
     self.image_size = image_size
     self.placement = placement
     self.low_resolution = low_resolution
@@ -87,11 +86,11 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     PartiShapesConfig(image_size=256),
     PartiShapesConfig(name="64_10k", image_size=64, num_train=10_000, num_validation=500,
                       num_test=500, num_compositional=500),
-    # The demo's: 48 px puts each cell of the 3x3 layout on a 16 px patch.
+    # 48 px puts each cell of the 3x3 layout on a 16 px patch (the demo's until 2026-12-01).
     PartiShapesConfig(name="48_20k", image_size=48, num_train=20_000, num_validation=500,
                       num_test=500, num_compositional=500),
-    # The same with each object centered in its cell, one side per size: every object
-    # is one of a few drawings, so one code per cell can keep every scene.
+    # The demo's: the same with each object centered in its cell, one side per size, so
+    # every object is one of a few drawings and one code per cell can keep every scene.
     PartiShapesConfig(name="48_20k_centered", image_size=48, num_train=20_000,
                       num_validation=500, num_test=500, num_compositional=500,
                       placement="centered"),

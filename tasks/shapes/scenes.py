@@ -70,8 +70,7 @@ def make_scene(
   """
   if split not in spec.SPLITS:
     raise ValueError(f"Unknown split {split!r}; known: {spec.SPLITS}.")
-  if placement not in spec.PLACEMENTS:
-    raise ValueError(f"Unknown placement {placement!r}; known: {spec.PLACEMENTS}.")
+  spec.check_placement(placement)
   centered = placement == "centered"
   rng = np.random.default_rng([seed, spec.SPLITS.index(split), index])
   kind = spec.KINDS[rng.integers(len(spec.KINDS))]

@@ -50,6 +50,14 @@ SIZE_RANGES: dict[str, tuple[float, float]] = {
 # How objects sit in their cells (scenes.make_scene): moved and resized at random, or
 # at the cell's center with the middle of their size's range.
 PLACEMENTS = ("jittered", "centered")
+
+
+def check_placement(placement: str) -> None:
+  """Raises ValueError, naming the known ones, unless `placement` is in PLACEMENTS."""
+  if placement not in PLACEMENTS:
+    raise ValueError(f"Unknown placement {placement!r}; known: {PLACEMENTS}.")
+
+
 # Bounding-box sides above this fraction of S read as large.
 SIZE_THRESHOLD = 0.22
 
