@@ -19,6 +19,7 @@ time it had reached: `learning_curve.png` and a table in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Sequence
 
@@ -49,6 +50,7 @@ def evaluate_shapes(
   dataset_seed: int = 0,
   temperature: float = 1.0,
   top_k: int = 0,
+  plausibility: float = 0.0,
   seed: int = 0,
   batch_size: int = 8,
   vocabulary: str | None = None,
@@ -70,6 +72,7 @@ def evaluate_shapes(
     dataset_seed: the seed the shapes dataset was made with (parti_shapes uses 0).
     temperature: sampling temperature (0: greedy).
     top_k: sample among the k likeliest codes (0: all).
+    plausibility: the sampler's plausibility constraint (see SamplingOptions).
     seed: the sampling seed.
     batch_size: prompts per step over all hosts.
     vocabulary: the SentencePiece model of the run (default: the shapes one).
@@ -107,11 +110,12 @@ def evaluate_shapes(
   results: dict[str, dict[str, dict]] = {}
   clip_scores: dict[str, dict[str, float]] = {}
   progress = metric_logging.Progress(len(guidance_scales) * len(splits), unit="images", every=1)
+  sampling = generation.SamplingOptions(
+    temperature=temperature, top_k=top_k, plausibility=plausibility, seed=seed,
+    jacobi_window=jacobi_window,
+  )  # fmt: skip
   for number, scale in enumerate(guidance_scales):
-    options = generation.SamplingOptions(
-      guidance_scale=float(scale), temperature=temperature, top_k=top_k, seed=seed,
-      jacobi_window=jacobi_window,
-    )  # fmt: skip
+    options = dataclasses.replace(sampling, guidance_scale=float(scale))
     generate = generation.make_generator(config, tok_config, options, device_mesh, rules, shardings)
     results[str(scale)] = {}
     for offset, (split, split_scenes) in enumerate(by_split.items()):
@@ -137,21 +141,19 @@ def evaluate_shapes(
     curve = _learning_curve(
       checkpoint_dir, (config, tok_config, tok_params), device_mesh, rules, encoder,
       {s: v[:learning_curve_examples] for s, v in by_split.items()},
-      generation.SamplingOptions(
-        guidance_scale=float(learning_curve_scale), temperature=temperature, top_k=top_k,
-        seed=seed, jacobi_window=jacobi_window,
-      ),
+      dataclasses.replace(sampling, guidance_scale=float(learning_curve_scale)),
       batch_size,
     )  # fmt: skip
   if jax.process_index() == 0:
-    record = {"checkpoint": checkpoint_dir, "step": step, "results": results}
+    knobs = {k: getattr(sampling, k) for k in ("temperature", "top_k", "plausibility")}
+    record = {"checkpoint": checkpoint_dir, "step": step, "sampling": knobs, "results": results}
     if curve:
       record["learning_curve"] = {"guidance_scale": learning_curve_scale, "points": curve}
       files.atomic_write_bytes(out / shapes_report.CURVE_PLOT, shapes_report.curve_plot(curve))
     if reranker:
       record.update(reranker=reranker_dir, reranker_step=reranker.step, clip_scores=clip_scores)
     files.atomic_write_json(out / shapes_report.REPORT_JSON, record)
-    report = shapes_report.markdown(results, checkpoint_dir, step, clip_scores)
+    report = shapes_report.markdown(results, checkpoint_dir, step, clip_scores, knobs)
     if curve:
       report += shapes_report.curve_markdown(curve, learning_curve_scale)
     files.atomic_write_text(out / shapes_report.REPORT, report)

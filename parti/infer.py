@@ -428,7 +428,7 @@ def _write_prompt(
     "seed": prompt_seed(options.seed, prompt),
     "samples": [int(s) for s in best],
     "guidance_scale": guidance_scale(options, prompt),
-    **{k: getattr(options, k) for k in ("temperature", "top_k", "top_p")},
+    **{k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "plausibility")},
     **(
       {
         "image": prompt.image,

@@ -180,3 +180,47 @@ def test_windowed_cache_decodes_exactly_what_one_full_window_does(params_and_tex
   ):
     np.testing.assert_array_equal(tokens, expected_tokens)
     np.testing.assert_allclose(log_probs, expected_log_probs, atol=1e-5)
+
+
+def test_plausibility_keeps_the_codes_near_the_conditional_models_top_code():
+  cond = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  uncond = jnp.log(jnp.array([[0.9, 0.09, 0.0099, 0.0001]]))
+  doubled = jnp.concatenate([cond, uncond]) + 7.0  # Unnormalized logits work the same.
+  guidance = decoding.Guidance(3.0, 1, plausibility=0.4)  # 0.3 / 0.5 kept, 0.15 / 0.5 not.
+  plausible = guidance.plausible(doubled)
+  np.testing.assert_array_equal(plausible, [[True, True, False, False]])
+  guided = guidance.guide(doubled)
+  # Guidance alone favours the code the conditional model finds least likely (its
+  # ratio to the null condition is the largest); the constraint rules it out.
+  assert int(jnp.argmax(guided)) == 3
+  constrained = decoding.constrain(guided, plausible)
+  np.testing.assert_array_equal(constrained[:, :2], guided[:, :2])
+  assert np.all(np.isneginf(constrained[:, 2:]))
+  assert decoding.Guidance(3.0, 1).plausible(doubled) is None
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match="plausibility"):
+      decoding.Guidance(3.0, 1, plausibility=bad)
+
+
+def test_plausibility_near_one_samples_the_conditional_models_greedy_tokens(params_and_text):
+  params, text = params_and_text
+  conditional_greedy, _ = sample(params, text, jax.random.key(0), temperature=0.0)
+  guided_greedy, _ = sample(params, text, jax.random.key(0), temperature=0.0, guidance_scale=3.0)
+  assert (guided_greedy != conditional_greedy).any()  # Guidance moves the argmax here...
+  # ... but with only the conditional top code plausible, guided sampling draws it.
+  tokens, _ = sample(params, text, jax.random.key(1), guidance_scale=3.0, plausibility=0.9999)
+  np.testing.assert_array_equal(tokens, conditional_greedy)
+
+
+def test_plausibility_filters_sampling_but_not_the_returned_log_probs(params_and_text):
+  params, text = params_and_text
+  # At λ = 1 the greedy code is always plausible: the tokens cannot change, and the
+  # log-probs stay those of the unconstrained model (as with top-k), not renormalized.
+  plain = sample(params, text, jax.random.key(0), temperature=0.0)
+  filtered = sample(params, text, jax.random.key(0), temperature=0.0, plausibility=0.5)
+  np.testing.assert_array_equal(filtered[0], plain[0])
+  np.testing.assert_allclose(filtered[1], plain[1], rtol=1e-6)
+  # A prefix the constraint would rule out still scores finitely.
+  prefix = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.image_vocab_size, (4, 4)))
+  _, log_probs = sample(params, text, jax.random.key(0), plausibility=0.9, prefix=prefix)
+  assert np.all(np.isfinite(log_probs))

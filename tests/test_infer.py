@@ -283,7 +283,7 @@ def test_shapes_evaluation_writes_a_report_per_guidance_scale(
 
   results = evaluate_shapes.evaluate_shapes(
     checkpoint_dir=parti_run, tokenizer_dir=str(trained_tokenizer), output_dir=str(tmp_path),
-    guidance_scales=(1.0, 3.0), examples=6, batch_size=4, mesh=MESH,
+    guidance_scales=(1.0, 3.0), examples=6, batch_size=4, mesh=MESH, plausibility=0.3,
   )  # fmt: skip
   assert sorted(results) == ["1.0", "3.0"]
   for by_split in results.values():
@@ -291,8 +291,10 @@ def test_shapes_evaluation_writes_a_report_per_guidance_scale(
     assert all(table["overall"]["prompts"] == 6 for table in by_split.values())
   saved = json.loads((tmp_path / shapes_report.REPORT_JSON).read_text())
   assert saved["results"] == results and saved["step"] == 7
+  assert saved["sampling"] == {"temperature": 1.0, "top_k": 0, "plausibility": 0.3}
   report = (tmp_path / shapes_report.REPORT).read_text()
   assert "| 3.0 |" in report and "λ = 1.0, compositional" in report
+  assert "plausibility 0.3" in report
   assert Image.open(tmp_path / shapes_report.PLOT).size == (560, 360)
   assert (tmp_path / "samples_test_guidance_3.0.png").is_file()
 

@@ -26,10 +26,14 @@ def params_and_text():
   return params, jnp.asarray(example_batch(CONFIG, 3)["encoder_input_tokens"])
 
 
-@pytest.mark.parametrize(("window", "scale"), [(1, 1.0), (3, 2.0), (16, 2.0)])
-def test_greedy_jacobi_decoding_gives_greedy_decodings_tokens(params_and_text, window, scale):
+@pytest.mark.parametrize(
+  ("window", "scale", "plausibility"), [(1, 1.0, 0.0), (3, 2.0, 0.0), (16, 2.0, 0.0), (4, 3.0, 0.3)]
+)
+def test_greedy_jacobi_decoding_gives_greedy_decodings_tokens(
+  params_and_text, window, scale, plausibility
+):
   params, text = params_and_text
-  options = dict(temperature=0.0, guidance_scale=scale)
+  options = dict(temperature=0.0, guidance_scale=scale, plausibility=plausibility)
   standard, standard_log_probs = jax.jit(functools.partial(decoding.sample, CONFIG, **options))(
     params, text, jax.random.key(0)
   )
@@ -123,13 +127,16 @@ def test_sampled_images_follow_the_models_distribution_exactly():
   assert 1.0 <= float(np.mean(calls)) < 2.0
 
 
-def test_the_sampling_option_is_checked():
+def test_the_sampling_options_are_checked():
   from parti.runtime.errors import ConfigError
   from parti.sampling.generation import SamplingOptions
 
   assert SamplingOptions(jacobi_window=8).jacobi_window == 8
   with pytest.raises(ConfigError, match="Bad sampling options"):
     SamplingOptions(jacobi_window=-1)
+  for plausibility in (-0.5, 1.0):
+    with pytest.raises(ConfigError, match="Bad sampling options"):
+      SamplingOptions(plausibility=plausibility)
 
 
 def test_the_inference_generator_decodes_with_jacobi_on_eight_devices():

