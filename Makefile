@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m parti.demo --runs_dir=$(RUNS)/demo
 
-## demo-long: the same stages trained longer (6000 tokenizer and 20000 Parti steps), plus
+## demo-long: the same stages on 100k scenes, trained longer (6000 tokenizer and 20000 Parti steps), plus
 ## fine-tuning Parti for editing and the super-resolution stage (the upsampler trained
 ## 48 -> 192 px; inference writes both sizes).
 demo-long: $(STAMP)

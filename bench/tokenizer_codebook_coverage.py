@@ -71,7 +71,9 @@ def main(argv):
     print(f"  {color:>8} {shape:<10}                      {pairs[(color, shape)]}")
   seen = [n for pair, n in pairs.items() if pair not in spec.DEFAULT_HELD_OUT]
   if seen:
-    print(f"seen pairs: {len(seen)}, codes per pair min {min(seen)} median {np.median(seen):.0f}")
+    print(
+      f"seen pairs: {len(seen)}, codes per pair: {min(seen)} to {max(seen)}, median {np.median(seen):.0f}"
+    )
 
 
 if __name__ == "__main__":

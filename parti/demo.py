@@ -1,7 +1,7 @@
 """The end-to-end demo: every stage of the system, each run as its real job with its gin file.
 
     python -m parti.demo --runs_dir=runs/demo              # about 8 minutes on 2 CPU cores
-    python -m parti.demo --runs_dir=runs/demo_long --long  # about 35 minutes, trained longer
+    python -m parti.demo --runs_dir=runs/demo_long --long  # about 40 minutes: 100k scenes, longer
 
 Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
 
@@ -169,6 +169,6 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that parti.scaling can import this module.
   flags.DEFINE_string("runs_dir", "runs/demo", "Where every stage writes.")
-  flags.DEFINE_bool("long", False, "The longer variant (~35 minutes): more training.")
+  flags.DEFINE_bool("long", False, "The longer variant (~40 minutes): more data and training.")
   flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
   app.run(main)

@@ -35,11 +35,20 @@ def test_named_configs():
   names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
   assert names == {
     "32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48,
-    "48_20k_centered": 48, "256_from_64": 256, "192_from_48": 192,
+    "48_20k_centered": 48, "48_100k_centered": 48, "256_from_64": 256, "192_from_48": 192,
   }  # fmt: skip
   placements = {c.name: c.placement for c in builder.PartiShapes.BUILDER_CONFIGS}
-  assert placements.pop("48_20k_centered") == "centered"
+  assert placements.pop("48_20k_centered") == placements.pop("48_100k_centered") == "centered"
   assert set(placements.values()) == {"jittered"}
+  # The long demo's config is the demo's with more training scenes: since example i of a
+  # split depends only on (seed, split, i), the demo's scenes are its first ones.
+  configs = {c.name: c for c in builder.PartiShapes.BUILDER_CONFIGS}
+  demo, long = configs["48_20k_centered"], configs["48_100k_centered"]
+  assert (long.seed, long.held_out) == (demo.seed, demo.held_out)
+  assert {s: n for s, n in long.split_sizes.items() if s != "train"} == {
+    s: n for s, n in demo.split_sizes.items() if s != "train"
+  }
+  assert long.split_sizes["train"] == 5 * demo.split_sizes["train"]
   lows = {c.name: c.low_resolution for c in builder.PartiShapes.BUILDER_CONFIGS if c.low_resolution}
   assert lows == {"256_from_64": 64, "192_from_48": 48}
   assert builder.PartiShapes.DEFAULT_CONFIG_NAME == "64"

@@ -52,7 +52,10 @@ def demo_stages(runs: pathlib.Path, long: bool = False) -> list[Stage]:
   tfds, tokenizer, tokens, parti = (runs / n for n in ("tfds", "tokenizer", "tokens", "parti"))
   upsampler = runs / "upsampler"
   plan = [
-    Stage("data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)}),
+    Stage(
+      "data", "parti.tasks.prepare_shapes", "gin/demo/data.gin", {"DATA_DIR": str(tfds)},
+      has_long_variant=True,
+    ),
     Stage(
       "vocab", "parti.tasks.train_vocab", "gin/demo/vocab.gin", {"MODEL_DIR": str(runs / "vocab")},
       after=lambda: _compare_vocabulary(runs / "vocab" / "parti_shapes.model"),
@@ -64,6 +67,7 @@ def demo_stages(runs: pathlib.Path, long: bool = False) -> list[Stage]:
     Stage(
       "encode", "parti.tokenizer.encode", "gin/demo/encode.gin",
       {"CHECKPOINT_DIR": str(tokenizer), "OUTPUT_DIR": str(tokens), "TFDS_DATA_DIR": str(tfds)},
+      has_long_variant=True,
     ),
     Stage(
       "parti", "parti.train", "gin/demo/parti.gin",

@@ -4,10 +4,10 @@ Importing this module registers the builder with TFDS; then, for example,
 `tfds.load("parti_shapes/64", split="test", data_dir=...)` prepares and reads it.
 
 Configs `32`, `64` (default), `128` and `256` name the image side and hold 100k
-training examples; `64_10k`, `48_20k` and `48_20k_centered` (the demo's: objects
-centered in their cells) are smaller cuts. A custom size, count or placement is a
-`PartiShapesConfig` passed as `config=`. Example i of split s is
-a pure function of (seed, s, i), so every machine prepares the same bytes.
+training examples; `64_10k`, `48_20k`, `48_20k_centered` (the demo's: objects centered in
+their cells) and `48_100k_centered` (the long demo's) are other cuts. A custom size, count
+or placement is a `PartiShapesConfig` passed as `config=`. Example i of split s is a pure
+function of (seed, s, i), so every machine prepares the same bytes.
 
 A config with `low_resolution` also renders each scene at that side, as
 `image_low`: exact pairs for the upsampler (`256_from_64`: 64 -> 256 px; `192_from_48`: the
@@ -92,6 +92,11 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     # The demo's: the same with each object centered in its cell, one side per size, so
     # every object is one of a few drawings and one code per cell can keep every scene.
     PartiShapesConfig(name="48_20k_centered", image_size=48, num_train=20_000,
+                      num_validation=500, num_test=500, num_compositional=500,
+                      placement="centered"),
+    # The long demo's: the same scenes and more of them (its first 20k training examples
+    # are the demo's), so that 20000 steps of 64 do not repeat each scene 64 times.
+    PartiShapesConfig(name="48_100k_centered", image_size=48, num_train=100_000,
                       num_validation=500, num_test=500, num_compositional=500,
                       placement="centered"),
     # The upsampler's: each scene rendered at 256 px and at 64 px; and the long demo's,
