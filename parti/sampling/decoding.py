@@ -299,9 +299,10 @@ class Guidance:
   float scale of exactly 1 skips the null stream.
 
   With `plausibility` α > 0, only the codes the conditional model itself gives at
-  least α times its likeliest code's probability keep their guided logits; the
-  others are masked. This is the adaptive plausibility constraint of contrastive
-  decoding (Li et al. 2022), which guidance needs for the same reason: the ratio
+  least α times its likeliest code's probability may be drawn (`plausible`, then
+  `constrain` when sampling; scores keep every code's guided log-probability). This
+  is the adaptive plausibility constraint of contrastive decoding (Li et al. 2022),
+  which guidance needs for the same reason: the ratio
   cond / uncond is large for codes both streams find unlikely, so guidance alone
   promotes them (on the shapes, an extra object in a cell the conditional model
   leaves empty: 20% of test prompts right at λ = 3 without it, 83% with α = 0.3).
