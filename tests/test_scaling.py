@@ -21,7 +21,7 @@ def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
   from parti import train  # noqa: F401  (registers the configurables)
   from parti.runtime import gin_utils
 
-  widths, steps = [], []
+  widths, steps, tasks = [], [], []
   for size in scaling.SIZES:
     gin.clear_config()
     gin_utils.parse(
@@ -30,9 +30,12 @@ def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
     )
     widths.append(gin.query_parameter("parti.PartiConfig.embed_dim"))
     steps.append(gin.query_parameter("%TRAIN_STEPS"))
+    tasks.append(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
   gin.clear_config()
   assert widths == sorted(widths) and len(set(widths)) == 3
   assert len(set(steps)) == 1  # The same steps for every size.
+  # ... on the long demo's 100k scenes, which the prerequisites prepare.
+  assert set(tasks) == {"parti_shapes_48_100k_centered_tokens"}
 
 
 def _fake_outputs(runs, size, width, loss, accuracy):
@@ -82,6 +85,11 @@ def test_the_study_runs_every_stage_and_reports_each_size(tmp_path, monkeypatch,
   assert [c[0] for c in commands] == [
     "parti.tasks.prepare_shapes", "parti.tasks.train_vocab", "parti.tokenizer.train",
     "parti.tokenizer.encode", *["parti.train", "parti.evaluate_shapes"] * 3,
+  ]  # fmt: skip
+  # The long demo's data, tokenizer and tokens.
+  assert [c[1] for c in commands[:4]] == [
+    "--gin_file=gin/demo/data_long.gin", "--gin_file=gin/demo/vocab.gin",
+    "--gin_file=gin/demo/tokenizer_long.gin", "--gin_file=gin/demo/encode_long.gin",
   ]  # fmt: skip
   assert [r["size"] for r in rows] == ["small", "base", "large"]
   counts = [r["parameters"] for r in rows]
