@@ -1,8 +1,8 @@
 """Editing on the shapes: zero-shot edits against the naive baseline, per edit kind.
 
-    python bench/edit_shapes.py --checkpoint_dir=runs/demo/parti --tokenizer_dir=runs/demo/tokenizer
-      [--finetuned_dir=runs/demo/parti_edit] [--examples=100] [--samples=8]
-      [--figure=docs/images/edits.png]
+    python bench/edit_shapes.py --checkpoint_dir=runs/demo_long/parti
+      --tokenizer_dir=runs/demo_long/tokenizer [--finetuned_dir=runs/demo_long/parti_edit]
+      [--examples=100] [--samples=8] [--placement=centered] [--figure=docs/images/edits.png]
 
 For each kind of `parti.tasks.shapes.edits` (recolor, reshape, remove, add, outpaint),
 --examples tasks are written as real edit requests (the source image, and a mask PNG
@@ -44,7 +44,7 @@ from parti import partitioning
 from parti.modeling import checkpoint_io
 from parti.sampling import decoding, editing
 from parti.sampling.prompts import Prompt, PromptEncoder
-from parti.tasks.shapes import edits, evaluate
+from parti.tasks.shapes import edits, evaluate, spec
 from parti.tokenizer import checkpoint_io as tokenizer_io
 from parti.tokenizer.api import ImageTokenizer
 
@@ -58,6 +58,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks and the samples.")
 _KINDS = flags.DEFINE_list("kinds", list(edits.KINDS), "Edit kinds to run.")
 _FIGURE = flags.DEFINE_string("figure", "", "Where to write input, mask and edit per kind.")
 _SWEEPS = flags.DEFINE_integer("sweeps", 2, "Passes of iterated conditional modes (refined).")
+_PLACEMENT = flags.DEFINE_enum(
+  "placement", "centered", spec.PLACEMENTS,
+  "The tasks' scenes: the demo's models are trained on centered objects.",
+)  # fmt: skip
 _FINETUNED = flags.DEFINE_string(
   "finetuned_dir", "", "A run fine-tuned for editing (gin/editing/finetune_shapes.gin)."
 )
@@ -67,7 +71,7 @@ def requests(kind: str, folder: pathlib.Path, size: int) -> list[tuple[edits.Edi
   """The kind's tasks as edit requests with their files in `folder`."""
   out = []
   for index in range(_EXAMPLES.value):
-    task = edits.make_task(_SEED.value, kind, index)
+    task = edits.make_task(_SEED.value, kind, index, placement=_PLACEMENT.value)
     image = folder / f"{kind}_{index}.png"
     Image.fromarray(task.source_image(size)).save(image)
     fields = {"image": str(image), "source": f"{kind} task {index}"}

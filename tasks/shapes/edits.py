@@ -78,14 +78,21 @@ class EditTask:
     return mask
 
 
-def make_task(seed: int, kind: str, index: int, split: str = "test") -> EditTask:
-  """Edit task `index` of `kind`: the same arguments always give the same task."""
+def make_task(
+  seed: int, kind: str, index: int, split: str = "test", placement: str = "jittered"
+) -> EditTask:
+  """Edit task `index` of `kind`: the same arguments always give the same task.
+
+  `placement` is the scenes' (spec.PLACEMENTS): a model trained on centered objects
+  (the demo's) is benchmarked on centered scenes, as it was trained.
+  """
   if kind not in KINDS:
     raise ValueError(f"Unknown edit kind {kind!r}; known: {KINDS}.")
+  spec.check_placement(placement)
   rng = np.random.default_rng([seed, KINDS.index(kind), index])
   # Draw target scenes until one suits the kind (objects to change, room to add one).
   for _attempt in range(100):
-    target = scenes.make_scene(seed, split, int(rng.integers(1 << 30)))
+    target = scenes.make_scene(seed, split, int(rng.integers(1 << 30)), placement=placement)
     task = _BUILDERS[kind](rng, target)
     if task is not None:
       return task
