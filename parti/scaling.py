@@ -5,8 +5,9 @@
 Parti compares 350M, 750M, 3B and 20B models trained the same way on the same data;
 this trains three sizes (gin/scaling/parti_{small,base,large}.gin: widths 32, 64 and
 128, the middle one the demo's) for the same 4000 steps on the long demo's pre-encoded
-100k scenes, evaluates each with the shapes evaluator (gin/scaling/evaluate.gin), and
-writes RUNS_DIR/report.md (a table of parameters, held-out loss and faithfulness) and
+100k scenes, with Adam's learning rate as 1 / width (the demo's 3e-3 at width 64),
+evaluates each with the shapes evaluator (gin/scaling/evaluate.gin), and writes
+RUNS_DIR/report.md (a table of parameters, held-out loss and faithfulness) and
 scaling.png (both against parameters). It reuses the long demo's tokenizer and tokens
 (`make demo-long` writes them), running its first four stages into DEMO_DIR when they
 are missing. Every stage is the real job with its gin file, and a rerun skips finished

@@ -21,7 +21,7 @@ def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
   from parti import train  # noqa: F401  (registers the configurables)
   from parti.runtime import gin_utils
 
-  widths, steps, tasks = [], [], []
+  widths, steps, tasks, rates = [], [], [], []
   for size in scaling.SIZES:
     gin.clear_config()
     gin_utils.parse(
@@ -31,11 +31,16 @@ def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
     widths.append(gin.query_parameter("parti.PartiConfig.embed_dim"))
     steps.append(gin.query_parameter("%TRAIN_STEPS"))
     tasks.append(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+    rates.append(gin.query_parameter("optim.AdamConfig.learning_rate"))
   gin.clear_config()
   assert widths == sorted(widths) and len(set(widths)) == 3
   assert len(set(steps)) == 1  # The same steps for every size.
   # ... on the long demo's 100k scenes, which the prerequisites prepare.
   assert set(tasks) == {"parti_shapes_48_100k_centered_tokens"}
+  # Adam's learning rate scales as 1 / width, the demo's 3e-3 at width 64.
+  assert [rate * width for rate, width in zip(rates, widths, strict=True)] == pytest.approx(
+    [3e-3 * 64] * 3
+  )
 
 
 def _fake_outputs(runs, size, width, loss, accuracy):
