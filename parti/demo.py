@@ -23,8 +23,10 @@ inference writes each image at 192 px beside the tokenizer's 48:
 
 Each stage is a subprocess running `python -m MODULE --gin_file=... --gin.KEY=...`,
 the same command a TPU-pod user runs with bigger configs. A stage that finishes
-writes RUNS_DIR/STAGE.done; a rerun skips finished stages and resumes an
-interrupted one (every job resumes from its own checkpoints or outputs). The last
+writes RUNS_DIR/STAGE.done with a hash of its gin files; a rerun skips finished
+stages, refuses to skip one whose gin files changed since (naming what to delete),
+and resumes an interrupted one (every job resumes from its own checkpoints or
+outputs). The last
 stage's table, and where the gallery and report are, are printed at the end.
 """
 

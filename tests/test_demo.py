@@ -146,3 +146,35 @@ def test_the_summary_reads_the_jobs_outputs(tmp_path, capsys):
   assert "worth 0.40 nats per token, 2.25 per object token" in out
   assert "prompts: 2 test" in out
   assert "| overall | 50% |" in out
+
+
+def test_a_stage_whose_configuration_changed_is_not_skipped_silently(tmp_path, monkeypatch):
+  base, top = tmp_path / "base.gin", tmp_path / "top.gin"
+  base.write_text("train.num_steps = 10\n")
+  top.write_text(f"include '{base}'\nMODEL_DIR = None\n")
+  plan = [stages.Stage("train", "parti.train", str(top), {"MODEL_DIR": str(tmp_path / "m")})]
+  jobs = FakeJobs()
+  monkeypatch.setattr(stages.subprocess, "run", jobs)
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  stages.run_stages(runs, plan)
+  stages.run_stages(runs, plan)  # Unchanged: skipped.
+  # A run folder given under another name is the same configuration.
+  moved = [stages.Stage("train", "parti.train", str(top), {"MODEL_DIR": "/elsewhere"})]
+  stages.run_stages(runs, moved)
+  assert jobs.modules == ["parti.train"]
+
+  base.write_text("train.num_steps = 20\n")  # An included file changed.
+  with pytest.raises(
+    ConfigError, match=r"(?s)Stage train was done with another config.*train\.done"
+  ):
+    stages.run_stages(runs, plan)
+  assert jobs.modules == ["parti.train"]  # Nothing ran; the outputs are kept.
+
+  # Stamps from before fingerprints existed are trusted; an unreadable one is named.
+  (runs / "train.done").write_text(json.dumps({"seconds": 1.0}))
+  stages.run_stages(runs, plan)
+  (runs / "train.done").write_text("{not json")
+  with pytest.raises(ConfigError, match=r"train\.done is unreadable"):
+    stages.run_stages(runs, plan)
+  assert jobs.modules == ["parti.train"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -135,6 +136,30 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
   raise GinConfigError(
     f"Gin file {path!r} not found in the current folder or in the search paths {list(search_paths)}."
   )
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1""", re.MULTILINE)
+
+
+def config_files(gin_file: str, search_paths: Sequence[str] = ()) -> list[pathlib.Path]:
+  """`gin_file` and every file it includes, recursively, each once, in the order read.
+
+  What a job's configuration is made of, for a stage's fingerprint: gin itself
+  resolves includes only while parsing, which needs the job's configurables.
+  """
+  paths = [*search_paths, *default_search_paths()]
+  found: list[pathlib.Path] = []
+
+  def visit(path: str) -> None:
+    resolved = pathlib.Path(_resolve(path, paths)).resolve()
+    if resolved in found:
+      return
+    found.append(resolved)
+    for match in _INCLUDE.finditer(resolved.read_text()):
+      visit(match.group(2))
+
+  visit(gin_file)
+  return found
 
 
 def parse(

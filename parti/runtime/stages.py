@@ -8,6 +8,8 @@ jobs through here, as the same commands a TPU-pod user types, rather than import
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import shlex
 import subprocess
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from parti.runtime import files, metric_logging
+from parti.runtime.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +118,12 @@ def run_stages(
     if only and stage.name not in only:
       continue
     done = runs / f"{stage.name}.done"
+    command = stage.command(long)
+    fingerprint = config_fingerprint(command)
     if done.is_file():
+      _check_unchanged(stage, done, fingerprint)
       print(f"[{number}/{len(plan)}] {stage.name}: done earlier, skipped", flush=True)
       continue
-    command = stage.command(long)
     print(
       f"[{number}/{len(plan)}] {stage.name} "
       f"(elapsed {metric_logging.format_duration(time.perf_counter() - started)}): "
@@ -138,11 +143,50 @@ def run_stages(
     seconds[stage.name] = time.perf_counter() - stage_start
     if stage.after:
       stage.after()
-    files.atomic_write_json(done, {"seconds": seconds[stage.name], "command": command})
+    files.atomic_write_json(
+      done, {"seconds": seconds[stage.name], "command": command, "config": fingerprint}
+    )
     print(
       f"    {stage.name} took {metric_logging.format_duration(seconds[stage.name])}", flush=True
     )
   return seconds
+
+
+def config_fingerprint(command: Sequence[str]) -> str:
+  """A hash of what configures a stage's command: its module, its gin file and the files
+  that file includes. Not the bindings: they name folders, and a run folder that moved
+  holds the same runs."""
+  from parti.runtime import gin_utils
+
+  digest = hashlib.sha256()
+  for arg in command[2:]:  # The module and its flags; not the interpreter's path.
+    if arg.startswith("--gin_file="):
+      for path in gin_utils.config_files(arg.split("=", 1)[1]):
+        digest.update(path.read_bytes() + b"\0")
+    elif not arg.startswith("--gin."):
+      digest.update(arg.encode() + b"\0")
+  return digest.hexdigest()
+
+
+def _check_unchanged(stage: Stage, done: pathlib.Path, fingerprint: str) -> None:
+  """Refuses to skip a stage whose configuration changed since it ran.
+
+  Skipping would report the old configuration's results as the new one's, and
+  rerunning into the same folders would resume the old run's checkpoints under the new
+  configuration; so the user chooses. Stamps written before fingerprints existed pass.
+  """
+  try:
+    recorded = json.loads(done.read_text()).get("config")
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"Stage {stage.name}'s stamp {done} is unreadable ({error}).") from error
+  if recorded is not None and recorded != fingerprint:
+    raise ConfigError(
+      f"Stage {stage.name} was done with another configuration: its gin file or a file it "
+      f"includes changed since. Its outputs are kept. To run it again with the new "
+      f"configuration, delete {done} and the folders it wrote (of "
+      f"{', '.join(stage.bindings.values())}), then rerun; or restore the configuration it "
+      "ran with."
+    )
 
 
 def _compare_vocabulary(trained: pathlib.Path) -> None:
