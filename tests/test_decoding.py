@@ -164,8 +164,8 @@ def test_windowed_cache_decodes_exactly_what_one_full_window_does(params_and_tex
   params, text = params_and_text
   prefix = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.image_vocab_size, (4, 3)))
 
-  def run(**options):
-    return jax.jit(functools.partial(decoding.sample, CONFIG, **options))(
+  def run(config=CONFIG, **options):
+    return jax.jit(functools.partial(decoding.sample, config, **options))(
       params, text, jax.random.key(5), prefix=prefix
     )
 
@@ -175,8 +175,14 @@ def test_windowed_cache_decodes_exactly_what_one_full_window_does(params_and_tex
   monkeypatch.setattr(decoding, "MIN_WINDOW_POSITIONS", 2)
   assert len(decoding.cache_windows(3, CONFIG.image_length)) == 4
   windowed = [run(top_k=8, guidance_scale=2.0), run(temperature=0.0)]
+  # The key caches as [batch, heads, head_dim, length] (what the Jacobi sampler uses),
+  # cut and written back along their own length axis.
+  transposed = CONFIG.replace(transposed_key_cache=True)
+  windowed_transposed = [
+    run(transposed, top_k=8, guidance_scale=2.0), run(transposed, temperature=0.0)
+  ]  # fmt: skip
   for (tokens, log_probs), (expected_tokens, expected_log_probs) in zip(
-    windowed, full, strict=True
+    windowed + windowed_transposed, full + full, strict=True
   ):
     np.testing.assert_array_equal(tokens, expected_tokens)
     np.testing.assert_allclose(log_probs, expected_log_probs, atol=1e-5)

@@ -155,6 +155,10 @@ class Attention(nn.Module):
   * cross-attention (`cross=True`): the keys and values of `inputs_kv` (the
     encoder output) are computed by the first call and only read afterwards, so a
     decoding step costs nothing per text token but the dot products.
+
+  Both caches keep values as [batch, heads, length, head_dim], and keys in the same
+  layout or, with `transposed_key_cache`, as [batch, heads, head_dim, length]; see
+  `dot_product_attention` for which suits which decoder.
   """
 
   num_heads: int
@@ -163,6 +167,7 @@ class Attention(nn.Module):
   dropout_rate: float = 0.0
   cross: bool = False
   max_length: int = 0
+  transposed_key_cache: bool = False
 
   @nn.compact
   def __call__(
@@ -180,24 +185,24 @@ class Attention(nn.Module):
     query = dense(shape, axes, self.dtype, name="query")(inputs_q)
     query = nn.with_logical_constraint(query, qkv_axes)
     initialized = self.has_variable("cache", "cached_key")
-    heads_major = False  # Keys and values as [batch, heads, length, head_dim]?
+    cached = False  # Keys and values in the caches' layouts (see the class docstring)?
     if decode and self.cross and initialized:
       key = self.get_variable("cache", "cached_key")
       value = self.get_variable("cache", "cached_value")
-      heads_major = True
+      cached = True
     else:
       key = dense(shape, axes, self.dtype, name="key")(inputs_kv)
       value = dense(shape, axes, self.dtype, name="value")(inputs_kv)
       key = nn.with_logical_constraint(key, qkv_axes)
       value = nn.with_logical_constraint(value, qkv_axes)
     if decode and self.cross and not initialized:
-      self.put_variable("cache", "cached_key", _heads_major(key))
+      self.put_variable("cache", "cached_key", self._cached_key_layout(key))
       self.put_variable("cache", "cached_value", _heads_major(value))
     elif decode and not self.cross:
-      key, value, mask, heads_major = self._update_self_cache(key, value, mask, initialized)
+      key, value, mask, cached = self._update_self_cache(key, value, mask, initialized)
     out = dot_product_attention(
       query, key, value, mask, bias, self.dropout_rate, deterministic, self.make_rng,
-      kv_heads_major=heads_major,
+      kv_heads_major=cached, keys_transposed=cached and self.transposed_key_cache,
     )  # fmt: skip
     return dense(
       inputs_q.shape[-1], ("heads", "kv", "embed"), self.dtype, axis=(-2, -1), name="out"
@@ -206,8 +211,9 @@ class Attention(nn.Module):
   def _update_self_cache(self, key, value, mask, initialized):
     """Writes this call's keys and values into the cache; returns what to attend to.
 
-    The cache is kept heads-major, [batch, heads, max_length, head_dim], the layout
-    the attention matmuls read: in [batch, length, heads, head_dim] XLA would
+    The cache is kept heads-major, [batch, heads, max_length, head_dim] (keys
+    optionally [batch, heads, head_dim, max_length]), the layouts the attention
+    matmuls read: in [batch, length, heads, head_dim] XLA would
     transpose the whole cache at every decoding step, which makes a step cost
     O(max_length) in memory traffic (10x slower sampling at 1024 tokens).
     """
@@ -215,7 +221,9 @@ class Attention(nn.Module):
       raise ValueError(f"Decoding {key.shape[1]} positions into a cache of {self.max_length}.")
     batch, length = key.shape[:2]
     cache_shape = (batch, self.num_heads, self.max_length, self.head_dim)
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape, key.dtype)
+    key_shape = (batch, self.num_heads, self.head_dim, self.max_length)
+    key_shape = key_shape if self.transposed_key_cache else cache_shape
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key_shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialized:
@@ -226,10 +234,11 @@ class Attention(nn.Module):
       positions = start + jnp.arange(length)
       # The cache may be handed in shorter than max_length (a window holding every
       # position written so far: see `decoding.sample`), so mask by its own length.
-      window = cached_key.value.shape[2]
+      window = cached_value.value.shape[2]
       mask = (jnp.arange(window)[None, :] <= positions[:, None])[None, None]
+    key_start = (0, 0, 0, start) if self.transposed_key_cache else (0, 0, start, 0)
     cached_key.value = jax.lax.dynamic_update_slice(
-      cached_key.value, _heads_major(key), (0, 0, start, 0)
+      cached_key.value, self._cached_key_layout(key), key_start
     )
     cached_value.value = jax.lax.dynamic_update_slice(
       cached_value.value, _heads_major(value), (0, 0, start, 0)
@@ -239,23 +248,41 @@ class Attention(nn.Module):
       return key, value, mask, False
     return cached_key.value, cached_value.value, mask, True
 
+  def _cached_key_layout(self, key: jax.Array) -> jax.Array:
+    """Keys [batch, length, heads, head_dim] in the cache's layout."""
+    return _keys_transposed(key) if self.transposed_key_cache else _heads_major(key)
+
 
 def _heads_major(x: jax.Array) -> jax.Array:
   """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim]."""
   return jnp.swapaxes(x, 1, 2)
 
 
+def _keys_transposed(x: jax.Array) -> jax.Array:
+  """[batch, length, heads, head_dim] -> [batch, heads, head_dim, length]."""
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
 def dot_product_attention(
-  query, key, value, mask, bias, dropout_rate, deterministic, make_rng, kv_heads_major=False
-):
+  query, key, value, mask, bias, dropout_rate, deterministic, make_rng,
+  kv_heads_major=False, keys_transposed=False,
+):  # fmt: skip
   """softmax(q k^T / sqrt(d) + bias, masked) v, the logits and softmax in float32.
 
   Args are [batch, length, heads, head_dim] (keys and values [batch, heads, length,
-  head_dim] if `kv_heads_major`); returns [batch, q_length, heads, head_dim].
+  head_dim] if `kv_heads_major`, keys [batch, heads, head_dim, length] if also
+  `keys_transposed`); returns [batch, q_length, heads, head_dim].
+
+  Which key layout is faster depends on the query's length, on XLA:CPU's matmul
+  library: against keys as [.., length, head_dim] it transposes the keys at every
+  call once there are several query positions (a Jacobi window of 8 on the tiny
+  model: the scores took 6x the value mix's time), while at one position per call
+  the transposed layout made the matched sampling benchmark 15% slower.
   """
   depth = query.shape[-1]
   kv = "bhkd" if kv_heads_major else "bkhd"
-  logits = jnp.einsum(f"bqhd,{kv}->bhqk", query, key, preferred_element_type=jnp.float32)
+  key_spec = "bhdk" if keys_transposed else kv
+  logits = jnp.einsum(f"bqhd,{key_spec}->bhqk", query, key, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)

@@ -223,13 +223,15 @@ class DecoderLayer(nn.Module):
       dtype,
       cfg.dropout_rate,
       max_length=cfg.image_length,
+      transposed_key_cache=cfg.transposed_key_cache,
       name="self_attention",
     )(y, y, self_mask, None, self.deterministic, self.decode)
     x = x + dropout(y)
     y = layers.Norm(cfg.norm, name="pre_cross_attention_norm")(x)
     y = layers.Attention(
-      cfg.num_heads, cfg.per_head_dim, dtype, cfg.dropout_rate, cross=True, name="cross_attention"
-    )(y, encoded, encoder_mask, None, self.deterministic, self.decode)
+      cfg.num_heads, cfg.per_head_dim, dtype, cfg.dropout_rate, cross=True,
+      transposed_key_cache=cfg.transposed_key_cache, name="cross_attention",
+    )(y, encoded, encoder_mask, None, self.deterministic, self.decode)  # fmt: skip
     x = x + dropout(y)
     y = layers.Norm(cfg.norm, name="pre_mlp_norm")(x)
     y = layers.Mlp(cfg.mlp_dim, dtype, cfg.gated_mlp, cfg.dropout_rate, name="mlp")(

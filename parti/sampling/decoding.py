@@ -111,9 +111,10 @@ def cache_windows(known: int, length: int) -> list[tuple[int, int, int]]:
   return [(bounds[i], bounds[i + 1], bounds[i + 1] + 1) for i in range(count)]
 
 
-def resize_self_cache(cache, length: int, like=None):
+def resize_self_cache(cache, length: int, like=None, keys_transposed: bool = False):
   """The self-attention caches cut or padded (with empty positions) to `length`; or,
-  given the full `like`, written back into it.
+  given the full `like`, written back into it. `keys_transposed`: the model's
+  `PartiConfig.transposed_key_cache`.
 
   Only `cached_key` / `cached_value` under a `self_attention` scope are touched;
   cross-attention caches (the text's keys and values) keep their shape.
@@ -123,12 +124,13 @@ def resize_self_cache(cache, length: int, like=None):
     names = [getattr(p, "key", "") for p in path]
     if "self_attention" not in names or names[-1] not in ("cached_key", "cached_value"):
       return leaf
+    axis = 3 if keys_transposed and names[-1] == "cached_key" else 2
     if full is not None:
-      return jax.lax.dynamic_update_slice_in_dim(full, leaf, 0, axis=2)
-    if length <= leaf.shape[2]:
-      return jax.lax.slice_in_dim(leaf, 0, length, axis=2)
+      return jax.lax.dynamic_update_slice_in_dim(full, leaf, 0, axis=axis)
+    if length <= leaf.shape[axis]:
+      return jax.lax.slice_in_dim(leaf, 0, length, axis=axis)
     widths = [(0, 0)] * leaf.ndim
-    widths[2] = (0, length - leaf.shape[2])
+    widths[axis] = (0, length - leaf.shape[axis])
     return jnp.pad(leaf, widths)
 
   if like is None:
@@ -246,7 +248,7 @@ def sample(
 
   last_plausible = None if plausible is None else plausible[:, -1]
   sampled, sampled_log_probs, (last_logits, last_plausible) = _scan_in_windows(
-    step, cache, (prefill[:, -1], last_plausible), known, config.image_length, batch
+    step, cache, (prefill[:, -1], last_plausible), known, config, batch
   )
   last = choose(last_logits, last_plausible, config.image_length - 1)
   tokens = jnp.concatenate([first[:, 1:], sampled.T, last[:, None]], axis=1)
@@ -349,7 +351,7 @@ def log_prob(logits: jax.Array, token: jax.Array) -> jax.Array:
   return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
 
 
-def _scan_in_windows(step, cache, logits, known: int, length: int, batch: int):
+def _scan_in_windows(step, cache, logits, known: int, config: PartiConfig, batch: int):
   """Runs `step` at positions known .. length - 2; returns (tokens [n, B], their log
   probs [n, B], the logits of the last position).
 
@@ -358,12 +360,13 @@ def _scan_in_windows(step, cache, logits, known: int, length: int, batch: int):
   the self-attention cache that just covers them (see `cache_windows`).
   """
   sampled, log_probs = [], []
+  length, keys_transposed = config.image_length, config.transposed_key_cache
   for begin, end, window in cache_windows(known, length):
-    windowed = resize_self_cache(cache, window)
+    windowed = resize_self_cache(cache, window, keys_transposed=keys_transposed)
     (windowed, logits), (chunk, chunk_log_probs) = jax.lax.scan(
       step, (windowed, logits), jnp.arange(begin, end)
     )
-    cache = resize_self_cache(windowed, length, like=cache)
+    cache = resize_self_cache(windowed, length, like=cache, keys_transposed=keys_transposed)
     sampled.append(chunk)
     log_probs.append(chunk_log_probs)
   if not sampled:

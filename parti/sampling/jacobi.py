@@ -78,6 +78,11 @@ def sample(
   if window < 1:
     raise ValueError(f"The Jacobi window must be at least 1 token, got {window}.")
   params, config = unstack_layers(params, config)
+  # Each call feeds a window of positions, where the transposed key layout is the
+  # faster one on XLA:CPU (`layers.dot_product_attention`): on the trained tiny model
+  # at batch 1, a call at a window of 4 / 8 went from 0.43 / 0.57 ms to 0.37 / 0.55 ms
+  # (both layouts in one process, interleaved).
+  config = config.replace(transposed_key_cache=True)
   model = Parti(config)
   batch, length = encoder_input_tokens.shape[0], config.image_length
   guidance = decoding.Guidance(guidance_scale, batch, plausibility)
@@ -113,7 +118,7 @@ def sample(
   # The first drafts: no better guess yet than the same distribution, one position on.
   first_draft = jnp.broadcast_to(first_probs[:, None], (batch, window, config.image_vocab_size))
   drafts = decoding.draw(first_draft, uniforms[:, 1:])
-  cache = decoding.resize_self_cache(cache, length + window)
+  cache = decoding.resize_self_cache(cache, length + window, keys_transposed=True)
 
   def iteration(state):
     cache, tokens, log_probs, drafts, draft_probs, committed, calls = state
