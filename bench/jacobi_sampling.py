@@ -4,8 +4,9 @@
     python bench/jacobi_sampling.py --checkpoint_dir=runs/palette/parti   # a trained model
 
 For each image size, batch size and window: decoder calls per image (after the
-prefill; the mean over the timed calls, each with new keys), tokens committed per call, image tokens per second and the wall-clock
-speed-up over `decoding.sample` on the same prompts, guidance 2.0 and top-k 64 (or
+prefill; the mean over the same --keys draws that every sampler is timed on), tokens
+committed per call, image tokens per second and the wall-clock speed-up over
+`decoding.sample` on the same prompts and draws, guidance 2.0 and top-k 64 (or
 all codes when there are fewer), temperature 1. Without a checkpoint the model is
 random: nothing in its images is predictable, so few drafts are kept (about 1.4
 tokens per call), a worst case; the trained rows are the ones to believe. With
@@ -32,7 +33,8 @@ _WINDOWS = flags.DEFINE_list("windows", ["4", "8", "16"], "Jacobi windows to mea
 _GRIDS = flags.DEFINE_list("grids", ["16", "32"], "Image grids (side) of the random model.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint_dir", None, "A trained parti.train run.")
-_MIN_SECONDS = flags.DEFINE_float("min_seconds", 3.0, "Time each sampler at least this long.")
+_MIN_SECONDS = flags.DEFINE_float("min_seconds", 5.0, "Time each sampler at least this long.")
+_KEYS = flags.DEFINE_integer("keys", 8, "Draws (keys) per timed round, the same for each sampler.")
 _PROMPTS = flags.DEFINE_integer(
   "faithfulness_prompts", 512, "Palette validation captions scored per sampler (trained model)."
 )
@@ -44,16 +46,30 @@ RANDOM = dict(
 )  # fmt: skip
 
 
-def _best_seconds(fn, *args) -> tuple[float, list]:
-  """Best time of repeated calls (after a compiling one), and every timed call's result."""
-  jax.block_until_ready(fn(*args, jax.random.key(0)))
-  best, timed, results = float("inf"), 0.0, []
-  while len(results) < 2 or timed < _MIN_SECONDS.value:
-    start = time.perf_counter()
-    results.append(jax.block_until_ready(fn(*args, jax.random.key(len(results) + 1))))
-    seconds = time.perf_counter() - start
-    best, timed = min(best, seconds), timed + seconds
-  return best, results
+def _interleaved_seconds(samplers: dict, *args) -> tuple[dict, dict]:
+  """Seconds per call of each sampler (the median round), and each one's last results.
+
+  Every sampler is timed on the same `--keys` draws. A round calls each sampler once
+  per key, one sampler after the other, so that the shared machine's drift (its speed
+  moves by tens of percent within minutes) falls on all of them alike; rounds repeat
+  until `--min_seconds` are timed per sampler. Two earlier ways overstated SJD: the
+  best single call (a Jacobi call's work depends on its draws, so the fastest call
+  is also the luckiest, with the fewest decoder calls), and each sampler timed in
+  its own stretch of minutes.
+  """
+  keys = [jax.random.key(i + 1) for i in range(_KEYS.value)]
+  for fn in samplers.values():
+    jax.block_until_ready(fn(*args, jax.random.key(0)))  # Compile.
+  seconds = {name: [] for name in samplers}
+  results = {}
+  while min(len(times) for times in seconds.values()) < 3 or (
+    min(sum(times) for times in seconds.values()) * len(keys) < _MIN_SECONDS.value
+  ):
+    for name, fn in samplers.items():
+      start = time.perf_counter()
+      results[name] = [jax.block_until_ready(fn(*args, key)) for key in keys]
+      seconds[name].append((time.perf_counter() - start) / len(keys))
+  return {name: float(np.median(times)) for name, times in seconds.items()}, results
 
 
 def compare(config: PartiConfig, params, text, label: str) -> None:
@@ -61,22 +77,18 @@ def compare(config: PartiConfig, params, text, label: str) -> None:
   batch, tokens = text.shape[0], config.image_length
   top_k = TOP_K if config.image_vocab_size > TOP_K else 0
   options = dict(guidance_scale=GUIDANCE, top_k=top_k)
-  standard = jax.jit(functools.partial(decoding.sample, config, **options))
-  base, _ = _best_seconds(standard, params, text)
-  base_calls = tokens - 1
-  print(
-    f"| {label} | {tokens} | {batch} | standard | {base_calls} | 1.00 | "
-    f"{batch * tokens / base:.0f} | 1.00x |",
-    flush=True,
-  )
+  samplers = {"standard": jax.jit(functools.partial(decoding.sample, config, **options))}
   for window in map(int, _WINDOWS.value):
-    sjd = jax.jit(functools.partial(jacobi.sample, config, window=window, **options))
-    seconds, results = _best_seconds(sjd, params, text)
-    # Calls vary with the draws: the mean over every timed call (each a new key).
-    calls = float(np.mean([int(result[2]) for result in results]))
+    samplers[f"window {window}"] = jax.jit(
+      functools.partial(jacobi.sample, config, window=window, **options)
+    )
+  seconds, results = _interleaved_seconds(samplers, params, text)
+  for name in samplers:
+    # Calls vary with the draws: the mean over the keys.
+    calls = tokens - 1 if name == "standard" else np.mean([int(r[2]) for r in results[name]])
     print(
-      f"| {label} | {tokens} | {batch} | window {window} | {calls:.0f} | "
-      f"{(tokens - 1) / calls:.2f} | {batch * tokens / seconds:.0f} | {base / seconds:.2f}x |",
+      f"| {label} | {tokens} | {batch} | {name} | {calls:.0f} | {(tokens - 1) / calls:.2f} | "
+      f"{batch * tokens / seconds[name]:.0f} | {seconds['standard'] / seconds[name]:.2f}x |",
       flush=True,
     )
 
