@@ -221,8 +221,8 @@ class Attention(nn.Module):
       raise ValueError(f"Decoding {key.shape[1]} positions into a cache of {self.max_length}.")
     batch, length = key.shape[:2]
     cache_shape = (batch, self.num_heads, self.max_length, self.head_dim)
-    key_shape = (batch, self.num_heads, self.head_dim, self.max_length)
-    key_shape = key_shape if self.transposed_key_cache else cache_shape
+    transposed_shape = (batch, self.num_heads, self.head_dim, self.max_length)
+    key_shape = transposed_shape if self.transposed_key_cache else cache_shape
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key_shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))

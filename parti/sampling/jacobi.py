@@ -118,7 +118,9 @@ def sample(
   # The first drafts: no better guess yet than the same distribution, one position on.
   first_draft = jnp.broadcast_to(first_probs[:, None], (batch, window, config.image_vocab_size))
   drafts = decoding.draw(first_draft, uniforms[:, 1:])
-  cache = decoding.resize_self_cache(cache, length + window, keys_transposed=True)
+  cache = decoding.resize_self_cache(
+    cache, length + window, keys_transposed=config.transposed_key_cache
+  )
 
   def iteration(state):
     cache, tokens, log_probs, drafts, draft_probs, committed, calls = state
