@@ -10,7 +10,8 @@ decodes to are every object any Parti sampling this tokenizer can draw. A held-o
 (color, shape) pair of the compositional split that no code draws bounds that split's
 faithfulness at 0% for any text-to-image model on this tokenizer, whatever it learns.
 With an attention decoder the reading is of each code among copies of itself, which is
-an approximation (the script says so).
+an approximation (the script says so). A product codebook (`codebook_groups` > 1) is
+read the same way over every combination of one code from each group.
 """
 
 import collections
@@ -24,15 +25,25 @@ from parti.tokenizer import api
 _MODEL_DIR = flags.DEFINE_string("model_dir", "runs/demo/tokenizer", "A trained tokenizer.")
 
 
+def code_combinations(config) -> np.ndarray:
+  """int32 [n, groups]: every combination of one code from each group's codebook."""
+  per_group = config.codebook_size // config.codebook_groups
+  grids = np.meshgrid(*[np.arange(per_group)] * config.codebook_groups, indexing="ij")
+  local = np.stack([g.reshape(-1) for g in grids], axis=-1)
+  return (local + per_group * np.arange(config.codebook_groups)).astype(np.int32)
+
+
 def code_patches(tokenizer: api.ImageTokenizer) -> np.ndarray:
-  """uint8 [codes, patch, patch, 3]: each code decoded in the center cell of a grid of it."""
-  rows, cols = tokenizer.grid
-  codes = np.arange(tokenizer.codebook_size, dtype=np.int32)
+  """uint8 [n, patch, patch, 3]: each combination of codes (one per group; with one
+  group, each code) decoded in the center cell of a grid of it."""
+  rows, cols = tokenizer.config.patch_grid
+  combinations = code_combinations(tokenizer.config)
   patch = tokenizer.config.patch_size
   patches = []
-  for start in range(0, len(codes), 64):
-    chunk = codes[start : start + 64]
-    images = tokenizer.decode(np.broadcast_to(chunk[:, None, None], (len(chunk), rows, cols)))
+  for start in range(0, len(combinations), 64):
+    chunk = combinations[start : start + 64]
+    ids = np.broadcast_to(chunk[:, None, None, :], (len(chunk), rows, cols, chunk.shape[1]))
+    images = tokenizer.decode(ids.reshape(len(chunk), *tokenizer.grid))
     y, x = (rows // 2) * patch, (cols // 2) * patch
     patches.append(images[:, y : y + patch, x : x + patch])
   return (np.clip(np.concatenate(patches), 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -61,18 +72,23 @@ def main(argv):
   drawings = [read_drawing(p, config.image_size) for p in code_patches(tokenizer)]
   objects = collections.Counter(d for d in drawings if d is not None)
   pairs = collections.Counter((color, shape) for color, shape, _ in objects.elements())
-  print(f"model_dir {_MODEL_DIR.value} (step {tokenizer.step}), {tokenizer.codebook_size} codes")
-  print(f"codes that draw no object (background) or several: {drawings.count(None)}")
-  print(f"codes that draw one object: {sum(objects.values())}")
+  groups = config.codebook_groups
+  print(
+    f"model_dir {_MODEL_DIR.value} (step {tokenizer.step}), {tokenizer.codebook_size} codes"
+    + (f" in {groups} groups: {len(drawings)} combinations decoded" if groups > 1 else "")
+  )
+  codes = "combinations" if groups > 1 else "codes"
+  print(f"{codes} that draw no object (background) or several: {drawings.count(None)}")
+  print(f"{codes} that draw one object: {sum(objects.values())}")
   print(f"distinct (color, shape, size) drawings: {len(objects)}")
   print(f"distinct (color, shape) pairs: {len(pairs)} of {len(spec.COLORS) * len(spec.SHAPES)}")
-  print("\nheld-out pair (compositional split)   codes that draw it")
+  print(f"\nheld-out pair (compositional split)   {codes} that draw it")
   for color, shape in spec.DEFAULT_HELD_OUT:
     print(f"  {color:>8} {shape:<10}                      {pairs[(color, shape)]}")
   seen = [n for pair, n in pairs.items() if pair not in spec.DEFAULT_HELD_OUT]
   if seen:
     print(
-      f"seen pairs: {len(seen)}, codes per pair: {min(seen)} to {max(seen)}, median {np.median(seen):.0f}"
+      f"seen pairs: {len(seen)}, {codes} per pair: {min(seen)} to {max(seen)}, median {np.median(seen):.0f}"
     )
 
 

@@ -81,7 +81,7 @@ def main(argv):
 
   def decode_with_table(table, assignment, count):
     coded = jnp.asarray(table[assignment].reshape(count, -1, table.shape[-1]))
-    return np.asarray(model.unpatchify(coded, config.patch_size, config.grid))
+    return np.asarray(model.unpatchify(coded, config.patch_size, config.patch_grid))
 
   train = shared.images_of(shared.read_split(shapes, "train", _TRAIN.value))
   examples = shared.read_split(shapes, "test", _TEST.value)

@@ -36,6 +36,8 @@ class Provenance:
     grid: (height, width) of each image's token grid.
     image_size: side of the images that were encoded.
     source: the dataset that was encoded.
+    codebook_groups: tokens per patch, side by side on the grid (the tokenizer's
+      `codebook_groups`; 1 in folders written before it existed).
   """
 
   tokenizer_checkpoint: str
@@ -43,6 +45,7 @@ class Provenance:
   grid: tuple[int, int]
   image_size: int
   source: str
+  codebook_groups: int = 1
 
   @property
   def num_tokens(self) -> int:

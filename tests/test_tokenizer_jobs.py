@@ -114,6 +114,45 @@ def test_dead_codes_restart_where_the_codebook_serves_worst():
   assert not np.asarray(state.code_counts).any()
 
 
+def test_dead_codes_of_a_group_restart_on_that_groups_sub_vectors():
+  # Two groups of 32 codes. Every code is live except ten of group 1, and the noisy
+  # patch is the one that group serves worst: the ten move onto its group-1 half,
+  # not onto any group-0 sub-vector (which lives in another space).
+  from flax import linen as nn
+
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch", codebook_groups=2)
+  trainer = trainer_lib.Trainer(
+    config,
+    losses.LossWeights(perceptual=0.0, adversarial=0.0),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
+    8,
+    None,
+  )
+  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
+  images = np.full((2, 32, 32, 3), 0.5, np.float32)
+  images[1, 8:16, 16:24] = np.random.default_rng(0).uniform(size=(8, 8, 3))
+  encode = lambda p, x: trainer.model.apply({"params": p}, x, method=lambda m, y: m.encoder(y))  # noqa: E731
+  z = np.asarray(encode(state.params, images)).reshape(-1, 2, config.code_dim)
+  noisy = z[16 + 6, 1]
+  # Group g's live codes are exactly the flat image's group-g sub-vector.
+  codebook = np.concatenate([np.tile(z[0, g], (32, 1)) for g in range(2)])
+  params = {**state.params, "quantizer": {"codebook": jax.numpy.asarray(codebook)}}
+  counts = np.ones(config.codebook_size, np.int32)
+  counts[40:50] = 0
+  state = state.replace(params=params, code_counts=jax.numpy.asarray(counts))
+
+  state, restarted = jax.jit(trainer.restart_dead_codes)(state, images, jax.random.key(1))
+
+  assert int(restarted) == 10
+  codes = np.asarray(state.params["quantizer"]["codebook"])
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(unit(codes[40:50]), np.tile(unit(noisy), (10, 1)), atol=1e-5)
+  np.testing.assert_array_equal(
+    np.delete(codes, np.s_[40:50], 0), np.delete(codebook, np.s_[40:50], 0)
+  )
+
+
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, shapes_task_name):
   _train(tmp_path, shapes_task_name + "_images", num_steps=4)
   _train(tmp_path, shapes_task_name + "_images", num_steps=6)

@@ -84,6 +84,37 @@ def test_the_patch_size_codes_every_patch_on_its_own():
   np.testing.assert_allclose(raw2[:, :, 8:], raw[:, :, 8:], atol=1e-6)
 
 
+def test_product_codes_sit_side_by_side_on_the_token_grid():
+  # Two groups of 32 codes: each 8 px patch takes one code from each, and its two
+  # tokens sit next to each other, so the 4x4 patches make a 4x8 token grid.
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch", codebook_groups=2)
+  assert config.patch_grid == (4, 4) and config.grid == (4, 8)
+  vqgan = model.VitVQGAN(config)
+  images = _images()
+  params = nn.meta.unbox(vqgan.init(jax.random.key(1), images)["params"])
+  raw, ids, _ = vqgan.apply({"params": params}, images)
+  assert ids.shape == (4, 4, 8)
+  ids = np.asarray(ids)
+  assert (ids[..., 0::2] < 32).all() and (ids[..., 1::2] >= 32).all()  # Group 0, then 1.
+  encoded = vqgan.apply({"params": params}, images, method=model.VitVQGAN.encode)
+  np.testing.assert_array_equal(encoded, ids)
+  decoded = vqgan.apply({"params": params}, encoded, method=model.VitVQGAN.decode)
+  np.testing.assert_allclose(decoded, model.to_image(raw, config), atol=1e-6)
+  # Changing the top-left patch can change its two tokens and no others.
+  changed = images.at[:, :8, :8].set(1.0 - images[:, :8, :8])
+  ids2 = np.asarray(vqgan.apply({"params": params}, changed, method=model.VitVQGAN.encode))
+  np.testing.assert_array_equal(ids2[:, 1:], ids[:, 1:])
+  np.testing.assert_array_equal(ids2[:, 0, 2:], ids[:, 0, 2:])
+  assert (ids2[:, 0, :2] != ids[:, 0, :2]).any()
+  # A patch decodes from its own pair of codes: swapping one pair's group-1 code
+  # changes that patch's pixels only.
+  swapped = ids.copy()
+  swapped[:, 3, 7] = 32 + (swapped[:, 3, 7] - 31) % 32
+  redecoded = np.asarray(vqgan.apply({"params": params}, swapped, method=model.VitVQGAN.decode))
+  np.testing.assert_allclose(redecoded[:, :24], np.asarray(decoded)[:, :24], atol=1e-6)
+  assert np.abs(redecoded[:, 24:, 24:] - np.asarray(decoded)[:, 24:, 24:]).max() > 1e-4
+
+
 def test_patchify_round_trip():
   x = _images(2, 16)
   np.testing.assert_array_equal(model.unpatchify(model.patchify(x, 4), 4, (4, 4)), x)
@@ -99,19 +130,28 @@ def test_codes_and_quantized_vectors_are_unit_length(tiny):
   np.testing.assert_allclose(jnp.linalg.norm(quantized, axis=-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_lookup_matches_brute_force_numpy(normalize):
-  quantizer = model.FactorizedQuantizer(50, 6, l2_normalize=normalize)
-  z = jax.random.normal(jax.random.key(2), (40, 6))
+def test_lookup_matches_brute_force_numpy(normalize, groups):
+  quantizer = model.FactorizedQuantizer(48, 6, l2_normalize=normalize, groups=groups)
+  z = jax.random.normal(jax.random.key(2), (40, groups * 6))
   variables = quantizer.init(jax.random.key(3), z)
   codebook = np.asarray(nn.meta.unbox(variables)["params"]["codebook"], np.float64)
   ids = np.asarray(quantizer.apply(variables, z, method=model.FactorizedQuantizer.lookup))
-  zz = np.asarray(z, np.float64)
+  assert ids.shape == (40, groups)
+  zz = np.asarray(z, np.float64).reshape(40, groups, 6)
   if normalize:
     codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
-    zz /= np.linalg.norm(zz, axis=1, keepdims=True)
-  distances = ((zz[:, None, :] - codebook[None]) ** 2).sum(-1)
-  np.testing.assert_array_equal(ids, distances.argmin(1))
+    zz /= np.linalg.norm(zz, axis=-1, keepdims=True)
+  per_group = 48 // groups
+  for g in range(groups):
+    own = codebook[g * per_group : (g + 1) * per_group]
+    distances = ((zz[:, g, None, :] - own[None]) ** 2).sum(-1)
+    # Ids are global: group g's codes come after the earlier groups' codes.
+    np.testing.assert_array_equal(ids[:, g], distances.argmin(1) + g * per_group)
+  # embed gives back each group's code vector, side by side.
+  vectors = np.asarray(quantizer.apply(variables, ids, method=model.FactorizedQuantizer.embed))
+  np.testing.assert_allclose(vectors.reshape(40, groups, 6), codebook[ids], rtol=1e-5, atol=1e-6)
 
 
 def test_straight_through_gradient_passes_unchanged():
@@ -221,6 +261,8 @@ def test_codebook_stats():
     (dict(image_size=30), "not a multiple of patch_size"),
     (dict(encoder="huge"), "not one of"),
     (dict(dtype="float16"), "float32 or bfloat16"),
+    (dict(codebook_size=10, codebook_groups=3), "does not split into codebook_groups 3"),
+    (dict(codebook_groups=0), "codebook_groups must be positive"),
   ],
 )
 def test_bad_configs(fields, message):

@@ -44,8 +44,13 @@ class TokenizerConfig(JsonConfig):
     patch_size: side of each patch; the token grid is image_size / patch_size square.
     encoder: a key of VIT_SIZES.
     decoder: a key of VIT_SIZES.
-    codebook_size: number of codes.
+    codebook_size: number of codes (over all groups).
     code_dim: dimension of the factorized (low-dimensional) codes.
+    codebook_groups: sub-codes per patch (product quantization): each patch takes one
+      code from each of this many codebooks of codebook_size / codebook_groups codes,
+      and the patch's tokens sit side by side on the token grid. With one group a patch
+      is one code, as in ViT-VQGAN; with several, a patch's combination of sub-codes
+      need not have been seen in training for Parti to write it.
     l2_normalize: l2-normalize codes and encoder outputs (cosine-similarity lookup).
     commitment_cost: beta, the weight of the commitment loss.
     logit_laplace: the decoder also predicts a scale, for the logit-Laplace loss.
@@ -58,6 +63,7 @@ class TokenizerConfig(JsonConfig):
   decoder: str = "large"
   codebook_size: int = 8192
   code_dim: int = 32
+  codebook_groups: int = 1
   l2_normalize: bool = True
   commitment_cost: float = 0.25
   logit_laplace: bool = False
@@ -74,16 +80,28 @@ class TokenizerConfig(JsonConfig):
       raise ConfigError(
         f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
       )
-    for field in ("image_size", "patch_size", "codebook_size", "code_dim"):
+    for field in ("image_size", "patch_size", "codebook_size", "code_dim", "codebook_groups"):
       if getattr(self, field) < 1:
         raise ConfigError(f"TokenizerConfig.{field} must be positive.")
+    if self.codebook_size % self.codebook_groups:
+      raise ConfigError(
+        f"TokenizerConfig.codebook_size {self.codebook_size} does not split into "
+        f"codebook_groups {self.codebook_groups} equal codebooks."
+      )
     if self.dtype not in ("float32", "bfloat16"):
       raise ConfigError(f"TokenizerConfig.dtype must be float32 or bfloat16, not {self.dtype!r}.")
 
   @property
-  def grid(self) -> tuple[int, int]:
+  def patch_grid(self) -> tuple[int, int]:
+    """Patches per side: the grid the encoder and decoder see."""
     side = self.image_size // self.patch_size
     return (side, side)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """The token grid: a row of patches holds codebook_groups tokens per patch."""
+    rows, cols = self.patch_grid
+    return (rows, cols * self.codebook_groups)
 
   @property
   def encoder_size(self) -> ViTSize:

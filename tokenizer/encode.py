@@ -78,6 +78,7 @@ def encode(
     grid=tokenizer.grid,
     image_size=tokenizer.config.image_size,
     source=task,
+    codebook_groups=tokenizer.config.codebook_groups,
   )
   _check_or_write_provenance(output, provenance)
   source = seqio.get_mixture_or_task(task).source

@@ -46,16 +46,24 @@ class ViT(nn.Module):
 
 
 class FactorizedQuantizer(nn.Module):
-  """Nearest-code lookup in a low-dimensional, optionally l2-normalized codebook.
+  """Nearest-code lookup in low-dimensional, optionally l2-normalized codebooks.
 
-  Returns the straight-through code vectors, the ids, and the two VQ losses:
-  codebook = |sg(z) - e|^2 (moves codes) and commitment = |z - sg(e)|^2 (moves
-  the encoder), each averaged over positions and code dimensions.
+  With `groups` > 1 this is a product quantizer: a vector [..., groups * code_dim]
+  is cut into `groups` sub-vectors, and each takes the nearest code of its own
+  codebook of codebook_size / groups codes. Ids are global, group g's codes being
+  g * (codebook_size / groups) onwards, so the groups share one vocabulary of
+  `codebook_size` ids. The codebook is one [codebook_size, code_dim] parameter,
+  group after group, so a single group is the plain ViT-VQGAN quantizer.
+
+  Returns the straight-through code vectors, the ids [..., groups], and the two VQ
+  losses: codebook = |sg(z) - e|^2 (moves codes) and commitment = |z - sg(e)|^2
+  (moves the encoder), each averaged over positions and code dimensions.
   """
 
   codebook_size: int
   code_dim: int
   l2_normalize: bool = True
+  groups: int = 1
 
   def setup(self):
     self.codebook = self.param(
@@ -66,30 +74,38 @@ class FactorizedQuantizer(nn.Module):
     )
 
   def codes(self) -> jax.Array:
-    """The code vectors as the lookup sees them (normalized if configured)."""
+    """The code vectors [codebook_size, code_dim] as the lookup sees them
+    (normalized if configured)."""
     return l2_normalize(self.codebook) if self.l2_normalize else self.codebook
 
+  def _split(self, z: jax.Array) -> jax.Array:
+    """[..., groups * code_dim] -> [..., groups, code_dim], normalized if configured."""
+    z = z.astype(jnp.float32).reshape(*z.shape[:-1], self.groups, self.code_dim)
+    return l2_normalize(z) if self.l2_normalize else z
+
   def lookup(self, z: jax.Array) -> jax.Array:
-    """The nearest code id of each vector in z [..., code_dim]."""
-    codes = self.codes()
-    z = z.astype(jnp.float32)
+    """The nearest code ids [..., groups] of z [..., groups * code_dim]."""
+    z = self._split(z)
+    codes = self.codes().reshape(self.groups, -1, self.code_dim)
     if self.l2_normalize:
-      similarity = jnp.einsum("...d,kd->...k", l2_normalize(z), codes)
-      return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
-    distance = (
-      jnp.sum(z * z, -1, keepdims=True)
-      - 2 * jnp.einsum("...d,kd->...k", z, codes)
-      + jnp.sum(codes**2, -1)
-    )
-    return jnp.argmin(distance, axis=-1).astype(jnp.int32)
+      local = jnp.argmax(jnp.einsum("...gd,gkd->...gk", z, codes), axis=-1)
+    else:
+      distance = (
+        jnp.sum(z * z, -1, keepdims=True)
+        - 2 * jnp.einsum("...gd,gkd->...gk", z, codes)
+        + jnp.sum(codes**2, -1)
+      )
+      local = jnp.argmin(distance, axis=-1)
+    offsets = jnp.arange(self.groups) * codes.shape[1]
+    return (local + offsets).astype(jnp.int32)
 
   def embed(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.codes(), ids, axis=0)
+    """Code ids [..., groups] -> their vectors concatenated, [..., groups * code_dim]."""
+    vectors = jnp.take(self.codes(), ids, axis=0)
+    return vectors.reshape(*ids.shape[:-1], self.groups * self.code_dim)
 
   def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    z = z.astype(jnp.float32)
-    if self.l2_normalize:
-      z = l2_normalize(z)
+    z = self._split(z).reshape(*z.shape[:-1], self.groups * self.code_dim)
     ids = self.lookup(z)
     quantized = self.embed(ids)
     losses = {
@@ -105,12 +121,18 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, 3] in [0, 1] -> unnormalized codes [B, N, code_dim]."""
+    """images [B, H, W, 3] in [0, 1] -> unnormalized codes [B, N, groups * code_dim]."""
     cfg, size = self.config, self.config.encoder_size
     x = patchify(images.astype(jnp.float32) * 2.0 - 1.0, cfg.patch_size)
     x = layers.dense(size.dim, (None, "embed"), cfg.dtype, use_bias=True, name="patch_embed")(x)
-    x = ViT(size, cfg.grid, cfg.dtype, name="vit")(x)
-    x = layers.dense(cfg.code_dim, ("embed", None), jnp.float32, use_bias=True, name="to_code")(x)
+    x = ViT(size, cfg.patch_grid, cfg.dtype, name="vit")(x)
+    x = layers.dense(
+      cfg.code_dim * cfg.codebook_groups,
+      ("embed", None),
+      jnp.float32,
+      use_bias=True,
+      name="to_code",
+    )(x)
     return x.astype(jnp.float32)
 
 
@@ -119,10 +141,10 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, codes: jax.Array) -> jax.Array:
-    """Code vectors [B, N, code_dim] -> raw outputs [B, H, W, 3] (or 6 with logit-Laplace)."""
+    """Code vectors [B, N, groups * code_dim] -> raw outputs [B, H, W, 3] (or 6 with logit-Laplace)."""
     cfg, size = self.config, self.config.decoder_size
     x = layers.dense(size.dim, (None, "embed"), jnp.float32, use_bias=True, name="from_code")(codes)
-    x = ViT(size, cfg.grid, cfg.dtype, name="vit")(x)
+    x = ViT(size, cfg.patch_grid, cfg.dtype, name="vit")(x)
     channels = 6 if cfg.logit_laplace else 3
     # The output head: two matrices with tanh between (ViT-VQGAN).
     x = layers.dense(size.mlp_dim, ("embed", "mlp"), cfg.dtype, use_bias=True, name="head_hidden")(
@@ -132,18 +154,24 @@ class Decoder(nn.Module):
     x = layers.dense(
       cfg.patch_size**2 * channels, ("mlp", None), jnp.float32, use_bias=True, name="head_out"
     )(x)
-    return unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.grid)
+    return unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.patch_grid)
 
 
 class VitVQGAN(nn.Module):
-  """The whole tokenizer; `__call__` reconstructs, `encode`/`decode` convert."""
+  """The whole tokenizer; `__call__` reconstructs, `encode`/`decode` convert.
+
+  Ids are laid out on the config's token grid [h, w * groups]: a patch's sub-codes
+  sit side by side, so an image is read patch by patch, group by group.
+  """
 
   config: TokenizerConfig
 
   def setup(self):
     cfg = self.config
     self.encoder = Encoder(cfg)
-    self.quantizer = FactorizedQuantizer(cfg.codebook_size, cfg.code_dim, cfg.l2_normalize)
+    self.quantizer = FactorizedQuantizer(
+      cfg.codebook_size, cfg.code_dim, cfg.l2_normalize, cfg.codebook_groups
+    )
     self.decoder = Decoder(cfg)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -152,13 +180,13 @@ class VitVQGAN(nn.Module):
     return self.decoder(quantized), ids.reshape(ids.shape[0], *self.config.grid), losses
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, h, w]."""
+    """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, h, w * groups]."""
     ids = self.quantizer.lookup(self.encoder(images))
     return ids.reshape(ids.shape[0], *self.config.grid)
 
   def decode(self, ids: jax.Array) -> jax.Array:
-    """code ids [B, h, w] -> images [B, H, W, 3], clipped to [0, 1]."""
-    codes = self.quantizer.embed(ids.reshape(ids.shape[0], -1))
+    """code ids [B, h, w * groups] -> images [B, H, W, 3], clipped to [0, 1]."""
+    codes = self.quantizer.embed(ids.reshape(ids.shape[0], -1, self.config.codebook_groups))
     return to_image(self.decoder(codes), self.config)
 
 

@@ -235,13 +235,13 @@ def _evaluator(evaluate_batch, batches, to_global, config, batch_size, split, me
 def _load_start(init_from: str, config: TokenizerConfig, params, shardings):
   """Parameters of another tokenizer run, for every group whose shapes match ours."""
   source_config, source_params, _ = checkpoint_io.load_params(init_from)
-  if (source_config.codebook_size, source_config.code_dim) != (
-    config.codebook_size,
-    config.code_dim,
-  ):
+
+  def codebook(c: TokenizerConfig) -> str:
+    return f"{c.codebook_size}x{c.code_dim} codebook in {c.codebook_groups} group(s)"
+
+  if codebook(source_config) != codebook(config):
     raise ConfigError(
-      f"{init_from} has a {source_config.codebook_size}x{source_config.code_dim} codebook; this run "
-      f"needs {config.codebook_size}x{config.code_dim}."
+      f"{init_from} has a {codebook(source_config)}; this run needs a {codebook(config)}."
     )
   merged = dict(params)
   for group in ("encoder", "quantizer", "decoder"):

@@ -129,19 +129,24 @@ class Trainer:
     restarted codes die again, while the rarer edge patches stay coarsely coded.
     """
 
+    cfg = self.config
+
     def encode(module, x):
-      z = module.encoder(x).reshape(-1, self.config.code_dim)
+      z = module.encoder(x).reshape(-1, cfg.codebook_groups * cfg.code_dim)
       nearest = module.quantizer.embed(module.quantizer.lookup(z))
-      if self.config.l2_normalize:
+      z, nearest = (v.reshape(-1, cfg.codebook_groups, cfg.code_dim) for v in (z, nearest))
+      if cfg.l2_normalize:
         z = model.l2_normalize(z)
       return z, jnp.sum((z - nearest) ** 2, axis=-1)
 
+    # z [M, groups, code_dim]: a dead code of group g restarts on group g's sub-vectors.
     z, distance = self.model.apply({"params": state.params}, images, method=encode)
-    logits = jnp.log(jnp.maximum(distance, 1e-12))
-    picks = jax.random.categorical(rng, logits, shape=(self.config.codebook_size,))
+    group = jnp.arange(cfg.codebook_size) // (cfg.codebook_size // cfg.codebook_groups)
+    logits = jnp.log(jnp.maximum(distance, 1e-12)).T[group]  # [codebook_size, M]
+    picks = jax.random.categorical(rng, logits)
     dead = state.code_counts == 0
     codebook = state.params["quantizer"]["codebook"]
-    codebook = jnp.where(dead[:, None], z[picks], codebook)
+    codebook = jnp.where(dead[:, None], z[picks, group], codebook)
     params = flax.core.copy(state.params, {"quantizer": {"codebook": codebook}})
     restarted = jnp.sum(dead)
     return state.replace(params=params, code_counts=jnp.zeros_like(state.code_counts)), restarted

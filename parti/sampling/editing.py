@@ -175,9 +175,11 @@ def prepare(prompt, tok_config, encode) -> Edit:
   # The mask goes through the same resize and crop, as an image.
   as_image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=-1)
   pixel_mask = records.resize_and_crop(as_image, side)[..., 0] >= 128
-  rows, cols = tok_config.grid
-  patch = side // rows
-  redraw = pixel_mask.reshape(rows, patch, cols, patch).any(axis=(1, 3)).reshape(-1)
+  rows, cols = tok_config.patch_grid
+  patch = tok_config.patch_size
+  redraw = pixel_mask.reshape(rows, patch, cols, patch).any(axis=(1, 3))
+  # A patch's sub-codes (codebook_groups of them) are redrawn together.
+  redraw = np.repeat(redraw, tok_config.codebook_groups, axis=1).reshape(-1)
   if not redraw.any():
     raise ConfigError(f"{where}: the region to redraw is empty at the tokenizer's {side} px.")
   if redraw.all():
