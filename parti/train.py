@@ -249,10 +249,13 @@ def _check_microbatches(batch_size: int, microbatches: int, mesh) -> None:
 def _check_task(name: str, model: PartiConfig, lengths: dict[str, int], pre_encoded_dir) -> bool:
   """Registers a pre-encoded task, checks its features and lengths against the model;
   returns whether it yields raw images (else image token ids)."""
-  from parti.tasks import registry
+  from parti.tasks import registry, token_records
+  from parti.tokenizer.checkpoint_io import check_tokens_per_patch
 
   if pre_encoded_dir:
     registry.register_pre_encoded_task(name, pre_encoded_dir)
+    groups = token_records.read_provenance(pre_encoded_dir).codebook_groups
+    check_tokens_per_patch(model, groups, pre_encoded_dir)
   raw_images = _yields_raw_images(name)
   expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
   if set(lengths) != expected:

@@ -14,6 +14,7 @@ from helpers import example_batch, init_params, tiny_config
 from scipy import stats
 
 from parti.modeling.model import Parti
+from parti.runtime.errors import ConfigError
 from parti.sampling import decoding, jacobi
 
 CONFIG = tiny_config(image_grid=(4, 4), cfg_dropout_rate=0.1)
@@ -68,6 +69,12 @@ def test_a_window_under_one_token_is_refused(params_and_text):
   params, text = params_and_text
   with pytest.raises(ValueError, match="at least 1"):
     jacobi.sample(CONFIG, params, text, jax.random.key(0), window=0)
+
+
+def test_several_tokens_per_patch_are_refused_by_name(params_and_text):
+  params, text = params_and_text
+  with pytest.raises(ConfigError, match="tokens_per_patch 2"):
+    jacobi.sample(CONFIG.replace(tokens_per_patch=2), params, text, jax.random.key(0))
 
 
 # A model small enough to enumerate: 3 tokens of 4 codes, 64 possible images.

@@ -89,6 +89,8 @@ def test_gated_mlp_makes_350m_much_larger():
     ("cfg_dropout_rate", 1.5, "cfg_dropout_rate"),
     ("image_grid", (0, 4), "image_grid"),
     ("remat_policy", "some", "remat_policy"),
+    ("tokens_per_patch", 3, "must divide the image grid's columns 4"),
+    ("within_patch_dim", -1, "within_patch_dim must be >= 0"),
   ],
 )
 def test_bad_configs_are_refused(field, value, message):
@@ -119,6 +121,43 @@ def test_decoder_is_causal():
   b = forward(config, params, batch["encoder_input_tokens"], changed)
   np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
   assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_a_patchs_tokens_are_drawn_without_seeing_each_other():
+  # Two tokens per patch: positions 6 and 7 are one patch. Token 6 (fed at position
+  # 7, as callers feed token t - 1 at t) must not reach position 7, only the next
+  # patch's positions; each position's logits cover its own group's 32 codes only.
+  config = tiny_config(tokens_per_patch=2)
+  batch = example_batch(config, 1)
+  params = init_params(config)
+  changed = batch["decoder_input_tokens"].copy()
+  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
+  a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  b = forward(config, params, batch["encoder_input_tokens"], changed)
+  np.testing.assert_allclose(a[0, :8], b[0, :8], atol=1e-6)
+  assert not np.allclose(a[0, 8:], b[0, 8:])
+  a = np.asarray(a)
+  assert (a[0, 0::2, 32:] < -1e8).all() and (a[0, 0::2, :32] > -1e8).all()
+  assert (a[0, 1::2, :32] < -1e8).all() and (a[0, 1::2, 32:] > -1e8).all()
+  # Token 7 ends patch 3: the next patch's first position (8) reads it, whole.
+  later = batch["decoder_input_tokens"].copy()
+  later[0, 8] = (later[0, 8] + 1) % config.image_vocab_size
+  c = forward(config, params, batch["encoder_input_tokens"], later)
+  np.testing.assert_allclose(a[0, :8], np.asarray(c)[0, :8], atol=1e-6)
+  assert not np.allclose(a[0, 8], np.asarray(c)[0, 8])
+
+
+def test_within_patch_dim_lets_a_patchs_later_token_see_the_earlier_one_narrowly():
+  config = tiny_config(tokens_per_patch=2, within_patch_dim=1)
+  batch = example_batch(config, 1)
+  params = init_params(config)
+  assert params["decoder"]["within_patch_in"]["kernel"].shape == (config.embed_dim, 1)
+  changed = batch["decoder_input_tokens"].copy()
+  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
+  a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  b = forward(config, params, batch["encoder_input_tokens"], changed)
+  np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
+  assert not np.allclose(a[0, 7], b[0, 7])
 
 
 @pytest.mark.parametrize("text_positions", ["relative", "learned"])
@@ -170,8 +209,20 @@ def _decode_in_steps(config, params, text, tokens, prefill):
     ({"scan_layers": False}, 1),
     ({"text_positions": "learned", "remat_policy": "full"}, 1),
     ({"null_condition": "learned", "gated_mlp": True, "norm": "rmsnorm"}, 2),
+    ({"tokens_per_patch": 2}, 1),
+    ({"tokens_per_patch": 2, "scan_layers": False}, 4),
+    ({"tokens_per_patch": 2, "within_patch_dim": 1}, 3),
   ],
-  ids=["scan", "scan_prefill5", "loop", "learned_positions_remat", "learned_null_gated_rms"],
+  ids=[
+    "scan",
+    "scan_prefill5",
+    "loop",
+    "learned_positions_remat",
+    "learned_null_gated_rms",
+    "two_tokens_per_patch",
+    "two_tokens_per_patch_prefill4",
+    "two_tokens_per_patch_within_patch_dim1",
+  ],
 )
 def test_cached_decoding_matches_the_full_forward(overrides, prefill):
   config = tiny_config(**overrides)

@@ -314,6 +314,15 @@ def test_object_tokens_are_those_off_their_images_most_frequent_code():
   np.testing.assert_array_equal(weights, [[0, 0, 0, 1, 0, 1], [0, 0, 1, 0, 1, 0]])
 
 
+def test_object_patches_with_two_tokens_each():
+  # Two groups of 4 codes (0-3, 4-7); a patch is (group-0 code, group-1 code). The
+  # background patch is (1, 6); a patch differing in either token is an object's,
+  # and both its tokens count.
+  targets = jnp.array([[1, 6, 1, 6, 2, 6, 1, 5, 1, 6]])
+  weights = trainer_lib.object_token_weights(targets, vocab_size=8, tokens_per_patch=2)
+  np.testing.assert_array_equal(weights, [[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]])
+
+
 def test_eval_sums_score_the_same_targets_with_and_without_the_text():
   config = tiny_run_config(cfg_dropout_rate=0.1)
   trainer = trainer_lib.PartiTrainer(config, optax.sgd(0.1))
@@ -407,3 +416,18 @@ def test_fine_tuning_for_editing_adds_the_head_and_trains_on_redrawn_tokens(
     run(tmp_path / "back", tokens_dir, num_steps=1, init_from=str(tmp_path))
   with pytest.raises(ConfigError, match="edit_masks trains the editing head"):
     run(tmp_path / "headless", tokens_dir, num_steps=1, edit_masks=EditMaskConfig())
+
+
+@pytest.mark.parametrize(
+  ("groups", "tokens_per_patch", "ok"),
+  [(1, 1, True), (2, 1, True), (2, 2, True), (1, 2, False), (4, 2, False)],
+)
+def test_tokens_per_patch_must_be_one_or_the_tokenizers_groups(groups, tokens_per_patch, ok):
+  config = tiny_run_config(image_grid=(2, 4), tokens_per_patch=tokens_per_patch)
+  if ok:
+    checkpoint_io.check_tokens_per_patch(config, groups, "runs/tokens")
+  else:
+    with pytest.raises(
+      ConfigError, match=f"runs/tokens has {groups} token.*tokens_per_patch is {tokens_per_patch}"
+    ):
+      checkpoint_io.check_tokens_per_patch(config, groups, "runs/tokens")

@@ -82,4 +82,22 @@ def load_for_model(tokenizer_dir: str | pathlib.Path, model_config, step: int | 
       f"The tokenizer in {tokenizer_dir} makes a {config.grid} grid; the model writes "
       f"{model_config.image_grid}."
     )
+  check_tokens_per_patch(model_config, config.codebook_groups, tokenizer_dir)
   return config, params, step
+
+
+def check_tokens_per_patch(model_config, codebook_groups: int, source) -> None:
+  """A model may draw a patch's sub-codes one after another (tokens_per_patch 1) or
+  each independently (tokens_per_patch = the tokenizer's codebook_groups); any other
+  count would restrict positions to the wrong groups' codes.
+
+  Raises:
+    ConfigError: naming both counts and `source` (the tokenizer or token folder).
+  """
+  from parti.runtime.errors import ConfigError
+
+  if model_config.tokens_per_patch not in (1, codebook_groups):
+    raise ConfigError(
+      f"{source} has {codebook_groups} token(s) per patch (codebook_groups), but the model's "
+      f"tokens_per_patch is {model_config.tokens_per_patch}: set it to 1 or {codebook_groups}."
+    )

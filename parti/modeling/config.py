@@ -58,6 +58,17 @@ class PartiConfig(JsonConfig):
       head_dim, length] instead of [batch, heads, length, head_dim]: faster on
       XLA:CPU when each decoder call feeds several positions (the Jacobi sampler
       sets it), slower at one position per call. No effect on parameters or training.
+    tokens_per_patch: image tokens per tokenizer patch (the tokenizer's
+      `codebook_groups`, which lays a patch's sub-codes side by side on the grid).
+      Above 1, the decoder draws a patch's tokens independently of each other: each
+      from the patches before it and the text, among its own group's codes (the
+      inputs are shifted by a whole patch, not by one token). So a patch's color code
+      does not condition its shape code, and a combination never seen in training
+      (the shapes' held-out color-shape pairs) is as reachable as its parts.
+    within_patch_dim: with tokens_per_patch > 1, how much a patch's later tokens
+      see of the token just before them (of their own patch): a learned projection
+      to this many dimensions (0: nothing). One dimension can say whether the patch
+      draws anything without saying which color.
   """
 
   text_vocab_size: int = 16_384
@@ -84,6 +95,8 @@ class PartiConfig(JsonConfig):
   null_condition: str = "empty"
   edit_context: bool = False
   transposed_key_cache: bool = False
+  tokens_per_patch: int = 1
+  within_patch_dim: int = 0
 
   def __post_init__(self):
     if isinstance(self.image_grid, list):  # From JSON.
@@ -103,7 +116,7 @@ class PartiConfig(JsonConfig):
         )
     positive = (
       "text_vocab_size", "text_length", "image_vocab_size", "embed_dim", "mlp_dim", "num_heads",
-      "num_encoder_layers", "num_decoder_layers",
+      "num_encoder_layers", "num_decoder_layers", "tokens_per_patch",
     )  # fmt: skip
     for field in positive:
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
@@ -112,6 +125,14 @@ class PartiConfig(JsonConfig):
         )
     if len(self.image_grid) != 2 or min(self.image_grid) < 1:
       raise ConfigError(f"PartiConfig.image_grid must be (rows, cols), got {self.image_grid!r}.")
+    if self.image_grid[1] % self.tokens_per_patch or self.image_vocab_size % self.tokens_per_patch:
+      raise ConfigError(
+        f"PartiConfig.tokens_per_patch {self.tokens_per_patch} must divide the image grid's "
+        f"columns {self.image_grid[1]} and image_vocab_size {self.image_vocab_size} (one "
+        "codebook per token of a patch)."
+      )
+    if self.within_patch_dim < 0:
+      raise ConfigError(f"PartiConfig.within_patch_dim must be >= 0, got {self.within_patch_dim}.")
     if self.head_dim is None and self.embed_dim % self.num_heads:
       raise ConfigError(
         f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "

@@ -349,11 +349,15 @@ class ImageDecoder(nn.Module):
       start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
       positions = positions + start.value
       start.value = start.value + length
+    previous = tokens  # Token t - 1 at each position t, BOS first.
+    tokens = self._shift_by_patch(tokens, decode)
     # At the scale of the token embeddings they are added to (_EMBED_INIT): at 0.02
     # a token's place in the grid was 2% of its input and, after the pre-norm, near
     # invisible, so small runs learned where objects go (and so what the prompt
     # asks for there) very late.
     x = embed(tokens) + _grid_embedding(self, cfg)(positions)
+    if cfg.tokens_per_patch > 1:
+      x = x + self._token_before(embed, previous, positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     causal = nn.make_causal_mask(tokens, dtype=jnp.bool_)
     x = _stack(
@@ -380,7 +384,60 @@ class ImageDecoder(nn.Module):
       logits = layers.dense(
         cfg.image_vocab_size, ("embed", "vocab"), jnp.float32, name="logits"
       )(x)  # fmt: skip
+    if cfg.tokens_per_patch > 1:
+      # A position draws only among its own group's codes.
+      per_group = cfg.image_vocab_size // cfg.tokens_per_patch
+      group = jnp.arange(cfg.image_vocab_size) // per_group
+      own = group[None, :] == (positions % cfg.tokens_per_patch)[:, None]
+      logits = jnp.where(own[None], logits, _OTHER_GROUP_LOGIT)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _token_before(self, embed, previous: jax.Array, positions: jax.Array) -> jax.Array:
+    """With several tokens per patch, what each position reads of the token just
+    before it, beyond the patch-shifted input: all of it at a patch's first position
+    (it ends the previous patch, which the shift alone would hide from that
+    position), and at the others (it is of their own patch) only a learned
+    projection to `within_patch_dim` dimensions, or nothing."""
+    cfg = self.config
+    full = embed(previous)
+    if cfg.within_patch_dim:
+      narrow = layers.dense(
+        cfg.within_patch_dim, ("embed", None), cfg.dtype, name="within_patch_in"
+      )
+      widen = layers.dense(cfg.embed_dim, (None, "embed"), cfg.dtype, name="within_patch_out")
+      within = widen(narrow(full)).astype(full.dtype)
+    else:
+      within = jnp.zeros_like(full)
+    first = (positions % cfg.tokens_per_patch == 0)[None, :, None]
+    return jnp.where(first, full, within)
+
+  def _shift_by_patch(self, tokens: jax.Array, decode: bool) -> jax.Array:
+    """Inputs shifted by one token (BOS first: what training, the feature converter
+    and the samplers feed) -> shifted by a whole patch, so that position t reads
+    token t - tokens_per_patch and none of its own patch's tokens.
+
+    Position t is fed token t - 1 by its callers; it must read the one fed
+    tokens_per_patch - 1 positions earlier. In decoding, which feeds a few positions
+    per call, the last tokens_per_patch - 1 fed tokens wait in the cache.
+    """
+    delay = self.config.tokens_per_patch - 1
+    if not delay:
+      return tokens
+    bos = self.config.bos_id
+    if decode:
+      waiting = self.variable(
+        "cache", "waiting_tokens", lambda: jnp.full((tokens.shape[0], delay), bos, jnp.int32)
+      )
+      fed = jnp.concatenate([waiting.value, tokens], axis=1)
+      waiting.value = fed[:, -delay:]
+    else:
+      fed = jnp.concatenate([jnp.full((tokens.shape[0], delay), bos, tokens.dtype), tokens], axis=1)
+    return fed[:, : tokens.shape[1]]
+
+
+# Logits of codes outside a position's group (tokens_per_patch > 1): finite, so that
+# guidance's cond - uncond stays 0 there instead of inf - inf.
+_OTHER_GROUP_LOGIT = -1e9
 
 
 class Parti(nn.Module):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from parti.modeling.config import PartiConfig
 from parti.modeling.model import Parti, unstack_layers
+from parti.runtime.errors import ConfigError
 from parti.sampling import decoding
 
 
@@ -77,6 +78,14 @@ def sample(
   """
   if window < 1:
     raise ValueError(f"The Jacobi window must be at least 1 token, got {window}.")
+  if config.tokens_per_patch > 1:
+    # Its calls feed draft windows and then rewind the cache to the accepted ones; the
+    # patch-shifted decoder keeps its last fed tokens in the cache too, and rewinding
+    # those is not written.
+    raise ConfigError(
+      f"Jacobi decoding does not support tokens_per_patch {config.tokens_per_patch}: "
+      "sample with the standard sampler (decoding.sample)."
+    )
   params, config = unstack_layers(params, config)
   # Each call feeds a window of positions, where the transposed key layout is the
   # faster one on XLA:CPU (`layers.dot_product_attention`): on the trained tiny model

@@ -242,7 +242,9 @@ class PartiTrainer:
     with_text = self._logits(params, text, inputs, null=False, context=context)
     without_text = self._logits(params, text, inputs, null=True, context=context)
     sums = self._objective(with_text, batch)
-    objects = weights * object_token_weights(targets, self.config.image_vocab_size)
+    objects = weights * object_token_weights(
+      targets, self.config.image_vocab_size, self.config.tokens_per_patch
+    )
     sums["nll_null"] = losses.cross_entropy(without_text, targets, weights)["nll"]
     sums["object_nll"] = losses.cross_entropy(with_text, targets, objects)["nll"]
     sums["object_nll_null"] = losses.cross_entropy(without_text, targets, objects)["nll"]
@@ -260,18 +262,28 @@ class PartiTrainer:
     return self.model.apply({"params": params}, method=forward)
 
 
-def object_token_weights(targets: jax.Array, vocab_size: int) -> jax.Array:
-  """1 where a target is not its image's most frequent code, else 0: [B, N] float32.
+def object_token_weights(
+  targets: jax.Array, vocab_size: int, tokens_per_patch: int = 1
+) -> jax.Array:
+  """1 where a target's patch is not its image's most frequent one, else 0: [B, N] float32.
 
-  On the shapes the most frequent code is the flat background (objects never cover
+  On the shapes the most frequent patch is the flat background (objects never cover
   most of an image), so these are the tokens that draw objects: the ones a prompt
-  decides. Elsewhere it is only a cheap proxy for "not background".
+  decides. Elsewhere it is only a cheap proxy for "not background". With several
+  tokens per patch (`PartiConfig.tokens_per_patch`), the background is the most
+  frequent code of each of the patch's groups, and a patch is an object's when any
+  of its tokens differs from its group's; all of its tokens then count.
   """
   # Counts [B, vocab] by a scatter-add per row; a one-hot [B, N, vocab] would be the
   # largest array of the eval step at Parti's sizes.
   counts = jax.vmap(lambda row: jnp.bincount(row, length=vocab_size))(targets)
-  mode = jnp.argmax(counts, axis=-1)
-  return (targets != mode[:, None]).astype(jnp.float32)
+  patches = targets.reshape(targets.shape[0], -1, tokens_per_patch)
+  # Group g's codes are its own id range, so each group's most frequent code is found
+  # among that range's counts.
+  per_group = counts.reshape(counts.shape[0], tokens_per_patch, -1)
+  modes = jnp.argmax(per_group, axis=-1) + jnp.arange(tokens_per_patch) * per_group.shape[-1]
+  drawn = jnp.any(patches != modes[:, None, :], axis=-1, keepdims=True)
+  return jnp.broadcast_to(drawn, patches.shape).reshape(targets.shape).astype(jnp.float32)
 
 
 def batch_shardings(
