@@ -90,7 +90,6 @@ def test_gated_mlp_makes_350m_much_larger():
     ("image_grid", (0, 4), "image_grid"),
     ("remat_policy", "some", "remat_policy"),
     ("tokens_per_patch", 3, "must divide the image grid's columns 4"),
-    ("within_patch_dim", -1, "within_patch_dim must be >= 0"),
   ],
 )
 def test_bad_configs_are_refused(field, value, message):
@@ -147,19 +146,6 @@ def test_a_patchs_tokens_are_drawn_without_seeing_each_other():
   assert not np.allclose(a[0, 8], np.asarray(c)[0, 8])
 
 
-def test_within_patch_dim_lets_a_patchs_later_token_see_the_earlier_one_narrowly():
-  config = tiny_config(tokens_per_patch=2, within_patch_dim=1)
-  batch = example_batch(config, 1)
-  params = init_params(config)
-  assert params["decoder"]["within_patch_in"]["kernel"].shape == (config.embed_dim, 1)
-  changed = batch["decoder_input_tokens"].copy()
-  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
-  a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-  b = forward(config, params, batch["encoder_input_tokens"], changed)
-  np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
-  assert not np.allclose(a[0, 7], b[0, 7])
-
-
 @pytest.mark.parametrize("text_positions", ["relative", "learned"])
 def test_text_padding_changes_nothing(text_positions):
   config = tiny_config(text_positions=text_positions)
@@ -211,7 +197,7 @@ def _decode_in_steps(config, params, text, tokens, prefill):
     ({"null_condition": "learned", "gated_mlp": True, "norm": "rmsnorm"}, 2),
     ({"tokens_per_patch": 2}, 1),
     ({"tokens_per_patch": 2, "scan_layers": False}, 4),
-    ({"tokens_per_patch": 2, "within_patch_dim": 1}, 3),
+    ({"tokens_per_patch": 2}, 3),
   ],
   ids=[
     "scan",
@@ -221,7 +207,7 @@ def _decode_in_steps(config, params, text, tokens, prefill):
     "learned_null_gated_rms",
     "two_tokens_per_patch",
     "two_tokens_per_patch_prefill4",
-    "two_tokens_per_patch_within_patch_dim1",
+    "two_tokens_per_patch_prefill3",
   ],
 )
 def test_cached_decoding_matches_the_full_forward(overrides, prefill):

@@ -65,10 +65,6 @@ class PartiConfig(JsonConfig):
       inputs are shifted by a whole patch, not by one token). So a patch's color code
       does not condition its shape code, and a combination never seen in training
       (the shapes' held-out color-shape pairs) is as reachable as its parts.
-    within_patch_dim: with tokens_per_patch > 1, how much a patch's later tokens
-      see of the token just before them (of their own patch): a learned projection
-      to this many dimensions (0: nothing). One dimension can say whether the patch
-      draws anything without saying which color.
   """
 
   text_vocab_size: int = 16_384
@@ -96,7 +92,6 @@ class PartiConfig(JsonConfig):
   edit_context: bool = False
   transposed_key_cache: bool = False
   tokens_per_patch: int = 1
-  within_patch_dim: int = 0
 
   def __post_init__(self):
     if isinstance(self.image_grid, list):  # From JSON.
@@ -131,8 +126,6 @@ class PartiConfig(JsonConfig):
         f"columns {self.image_grid[1]} and image_vocab_size {self.image_vocab_size} (one "
         "codebook per token of a patch)."
       )
-    if self.within_patch_dim < 0:
-      raise ConfigError(f"PartiConfig.within_patch_dim must be >= 0, got {self.within_patch_dim}.")
     if self.head_dim is None and self.embed_dim % self.num_heads:
       raise ConfigError(
         f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "

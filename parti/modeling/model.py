@@ -393,23 +393,14 @@ class ImageDecoder(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def _token_before(self, embed, previous: jax.Array, positions: jax.Array) -> jax.Array:
-    """With several tokens per patch, what each position reads of the token just
-    before it, beyond the patch-shifted input: all of it at a patch's first position
-    (it ends the previous patch, which the shift alone would hide from that
-    position), and at the others (it is of their own patch) only a learned
-    projection to `within_patch_dim` dimensions, or nothing."""
-    cfg = self.config
-    full = embed(previous)
-    if cfg.within_patch_dim:
-      narrow = layers.dense(
-        cfg.within_patch_dim, ("embed", None), cfg.dtype, name="within_patch_in"
-      )
-      widen = layers.dense(cfg.embed_dim, (None, "embed"), cfg.dtype, name="within_patch_out")
-      within = widen(narrow(full)).astype(full.dtype)
-    else:
-      within = jnp.zeros_like(full)
-    first = (positions % cfg.tokens_per_patch == 0)[None, :, None]
-    return jnp.where(first, full, within)
+    """With several tokens per patch, the token just before each patch's first
+    position, which ends the previous patch: the shift alone would hide it from that
+    position. The patch's later positions get nothing more: the token before them is
+    of their own patch. (A learned 1-dimensional view of it, which could have said
+    "this patch draws something" without the color, carried the color: bench/README.md.)
+    """
+    first = (positions % self.config.tokens_per_patch == 0)[None, :, None]
+    return jnp.where(first, embed(previous), 0.0)
 
   def _shift_by_patch(self, tokens: jax.Array, decode: bool) -> jax.Array:
     """Inputs shifted by one token (BOS first: what training, the feature converter
