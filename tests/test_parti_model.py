@@ -110,14 +110,19 @@ def test_forward_shapes_and_float32_logits():
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
 
 
-def test_decoder_is_causal():
-  config = tiny_config()
+def _logits_before_and_after_changing_input(config, index: int):
+  """Teacher-forced logits [1, N, V] of one example, and again with its decoder input
+  at `index` (the token fed there, token index - 1) changed."""
   batch = example_batch(config, 1)
   params = init_params(config)
   changed = batch["decoder_input_tokens"].copy()
-  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
+  changed[0, index] = (changed[0, index] + 1) % config.image_vocab_size
   a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-  b = forward(config, params, batch["encoder_input_tokens"], changed)
+  return np.asarray(a), np.asarray(forward(config, params, batch["encoder_input_tokens"], changed))
+
+
+def test_decoder_is_causal():
+  a, b = _logits_before_and_after_changing_input(tiny_config(), 7)
   np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
   assert not np.allclose(a[0, 7:], b[0, 7:])
 
@@ -127,23 +132,15 @@ def test_a_patchs_tokens_are_drawn_without_seeing_each_other():
   # 7, as callers feed token t - 1 at t) must not reach position 7, only the next
   # patch's positions; each position's logits cover its own group's 32 codes only.
   config = tiny_config(tokens_per_patch=2)
-  batch = example_batch(config, 1)
-  params = init_params(config)
-  changed = batch["decoder_input_tokens"].copy()
-  changed[0, 7] = (changed[0, 7] + 1) % config.image_vocab_size
-  a = forward(config, params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-  b = forward(config, params, batch["encoder_input_tokens"], changed)
+  a, b = _logits_before_and_after_changing_input(config, 7)
   np.testing.assert_allclose(a[0, :8], b[0, :8], atol=1e-6)
   assert not np.allclose(a[0, 8:], b[0, 8:])
-  a = np.asarray(a)
   assert (a[0, 0::2, 32:] < -1e8).all() and (a[0, 0::2, :32] > -1e8).all()
   assert (a[0, 1::2, :32] < -1e8).all() and (a[0, 1::2, 32:] > -1e8).all()
   # Token 7 ends patch 3: the next patch's first position (8) reads it, whole.
-  later = batch["decoder_input_tokens"].copy()
-  later[0, 8] = (later[0, 8] + 1) % config.image_vocab_size
-  c = forward(config, params, batch["encoder_input_tokens"], later)
-  np.testing.assert_allclose(a[0, :8], np.asarray(c)[0, :8], atol=1e-6)
-  assert not np.allclose(a[0, 8], np.asarray(c)[0, 8])
+  a, c = _logits_before_and_after_changing_input(config, 8)
+  np.testing.assert_allclose(a[0, :8], c[0, :8], atol=1e-6)
+  assert not np.allclose(a[0, 8], c[0, 8])
 
 
 @pytest.mark.parametrize("text_positions", ["relative", "learned"])

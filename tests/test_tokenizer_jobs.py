@@ -76,13 +76,11 @@ def test_losses_decrease_on_a_fixed_batch():
   assert totals[-1] < 0.5 * totals[0], totals
 
 
-def test_dead_codes_restart_where_the_codebook_serves_worst():
-  # Flat images with one noisy patch; the live codes sit on the flat patches'
-  # encodings. A uniform pick would put most restarted codes there too (they would
-  # die again); seeding by distance puts them all on the one patch no code serves.
+def _flat_images_with_one_noisy_patch(config):
+  """(trainer, initial state, two flat gray 32 px images, the second with one noisy 8 px
+  patch at row 1, column 2, and the encoder's outputs for them [32, groups * code_dim])."""
   from flax import linen as nn
 
-  config = tiny_tokenizer_config(encoder="patch", decoder="patch")
   trainer = trainer_lib.Trainer(
     config,
     losses.LossWeights(perceptual=0.0, adversarial=0.0),
@@ -94,8 +92,17 @@ def test_dead_codes_restart_where_the_codebook_serves_worst():
   state = nn.meta.unbox(trainer.init(jax.random.key(0)))
   images = np.full((2, 32, 32, 3), 0.5, np.float32)
   images[1, 8:16, 16:24] = np.random.default_rng(0).uniform(size=(8, 8, 3))
-  encode = lambda p, x: trainer.model.apply({"params": p}, x, method=lambda m, y: m.encoder(y))  # noqa: E731
-  z = np.asarray(encode(state.params, images)).reshape(-1, config.code_dim)
+  z = trainer.model.apply({"params": state.params}, images, method=lambda m, y: m.encoder(y))
+  return trainer, state, images, np.asarray(z).reshape(32, -1)
+
+
+def test_dead_codes_restart_where_the_codebook_serves_worst():
+  # Flat images with one noisy patch; the live codes sit on the flat patches'
+  # encodings. A uniform pick would put most restarted codes there too (they would
+  # die again); seeding by distance puts them all on the one patch no code serves.
+  config = tiny_tokenizer_config(encoder="patch", decoder="patch")
+  trainer, state, images, z = _flat_images_with_one_noisy_patch(config)
+  z = z.reshape(-1, config.code_dim)
   noisy = z[16 + 6]  # Image 1's token at row 1, column 2.
   # The live codes are exactly the flat image's encodings (they differ by position).
   codebook = np.tile(z[:16], (config.codebook_size // 16, 1))
@@ -118,22 +125,9 @@ def test_dead_codes_of_a_group_restart_on_that_groups_sub_vectors():
   # Two groups of 32 codes. Every code is live except ten of group 1, and the noisy
   # patch is the one that group serves worst: the ten move onto its group-1 half,
   # not onto any group-0 sub-vector (which lives in another space).
-  from flax import linen as nn
-
   config = tiny_tokenizer_config(encoder="patch", decoder="patch", codebook_groups=2)
-  trainer = trainer_lib.Trainer(
-    config,
-    losses.LossWeights(perceptual=0.0, adversarial=0.0),
-    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
-    optim.adam(optim.AdamConfig(warmup_steps=1), 10),
-    8,
-    None,
-  )
-  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
-  images = np.full((2, 32, 32, 3), 0.5, np.float32)
-  images[1, 8:16, 16:24] = np.random.default_rng(0).uniform(size=(8, 8, 3))
-  encode = lambda p, x: trainer.model.apply({"params": p}, x, method=lambda m, y: m.encoder(y))  # noqa: E731
-  z = np.asarray(encode(state.params, images)).reshape(-1, 2, config.code_dim)
+  trainer, state, images, z = _flat_images_with_one_noisy_patch(config)
+  z = z.reshape(-1, 2, config.code_dim)
   noisy = z[16 + 6, 1]
   # Group g's live codes are exactly the flat image's group-g sub-vector.
   codebook = np.concatenate([np.tile(z[0, g], (32, 1)) for g in range(2)])
