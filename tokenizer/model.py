@@ -85,7 +85,11 @@ class FactorizedQuantizer(nn.Module):
 
   def lookup(self, z: jax.Array) -> jax.Array:
     """The nearest code ids [..., groups] of z [..., groups * code_dim]."""
-    z = self._split(z)
+    return self._nearest(self._split(z))
+
+  def _nearest(self, z: jax.Array) -> jax.Array:
+    """The nearest code ids [..., groups] of sub-vectors z [..., groups, code_dim],
+    already normalized if configured."""
     codes = self.codes().reshape(self.groups, -1, self.code_dim)
     if self.l2_normalize:
       local = jnp.argmax(jnp.einsum("...gd,gkd->...gk", z, codes), axis=-1)
@@ -105,8 +109,9 @@ class FactorizedQuantizer(nn.Module):
     return vectors.reshape(*ids.shape[:-1], self.groups * self.code_dim)
 
   def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    z = self._split(z).reshape(*z.shape[:-1], self.groups * self.code_dim)
-    ids = self.lookup(z)
+    split = self._split(z)
+    ids = self._nearest(split)
+    z = split.reshape(*z.shape[:-1], self.groups * self.code_dim)
     quantized = self.embed(ids)
     losses = {
       "codebook": jnp.mean((jax.lax.stop_gradient(z) - quantized) ** 2),

@@ -141,9 +141,13 @@ class Trainer:
 
     # z [M, groups, code_dim]: a dead code of group g restarts on group g's sub-vectors.
     z, distance = self.model.apply({"params": state.params}, images, method=encode)
-    group = jnp.arange(cfg.codebook_size) // (cfg.codebook_size // cfg.codebook_groups)
-    logits = jnp.log(jnp.maximum(distance, 1e-12)).T[group]  # [codebook_size, M]
-    picks = jax.random.categorical(rng, logits)
+    per_group = cfg.codebook_size // cfg.codebook_groups
+    group = jnp.arange(cfg.codebook_size) // per_group
+    logits = jnp.log(jnp.maximum(distance, 1e-12)).T  # [groups, M]
+    # One pick per code, [per_group, groups] drawn from each group's row of logits,
+    # then laid out in code order (group after group).
+    picks = jax.random.categorical(rng, logits, shape=(per_group, cfg.codebook_groups)).T
+    picks = picks.reshape(-1)
     dead = state.code_counts == 0
     codebook = state.params["quantizer"]["codebook"]
     codebook = jnp.where(dead[:, None], z[picks, group], codebook)
