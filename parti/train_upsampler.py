@@ -106,12 +106,12 @@ def train(
         "loss_weights.perceptual > 0 needs train_upsampler.vgg_weights, a VGG16 .npz "
         "(see parti/tokenizer/vgg.py); set the weight to 0 to train without it."
       )
-    perceptual = vgg.load_vgg16(vgg_weights)
+    perceptual = partitioning.replicate(vgg.load_vgg16(vgg_weights), device_mesh)
   # Without the adversarial term the discriminator is never updated: no schedule to check.
   disc_adam = optim.adam(disc_optimizer, num_steps) if loss_weights.adversarial > 0 else None
   trainer = trainer_lib.Trainer(
     config, loss_weights, optim.adam(optimizer, num_steps), disc_adam or optax.identity(),
-    disc_channels, perceptual,
+    disc_channels,
   )  # fmt: skip
   state, state_shardings = partitioning.init_sharded(
     lambda: trainer.init(jax.random.key(seed), crop), device_mesh, rules
@@ -173,7 +173,7 @@ def train(
   gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
     step=gan.gan_schedule_step(
-      trainer.train_step, gan_start, state_shardings, (images, images), replicated
+      trainer.train_step, gan_start, state_shardings, (images, images), replicated, perceptual
     ),
     next_batch=next_batch,
     loss_key="loss/total",

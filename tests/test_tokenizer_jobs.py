@@ -62,11 +62,10 @@ def test_losses_decrease_on_a_fixed_batch():
     optim.adam(optim.AdamConfig(learning_rate=3e-3, warmup_steps=1), 30),
     optim.adam(optim.AdamConfig(warmup_steps=1), 30),
     8,
-    None,
   )
   from flax import linen as nn
 
-  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
+  state = nn.meta.unbox(jax.jit(trainer.init)(jax.random.key(0)))
   images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
   step = jax.jit(lambda s, x: trainer.train_step(s, x, False))
   totals = []
@@ -87,9 +86,8 @@ def _flat_images_with_one_noisy_patch(config):
     optim.adam(optim.AdamConfig(warmup_steps=1), 10),
     optim.adam(optim.AdamConfig(warmup_steps=1), 10),
     8,
-    None,
   )
-  state = nn.meta.unbox(trainer.init(jax.random.key(0)))
+  state = nn.meta.unbox(jax.jit(trainer.init)(jax.random.key(0)))
   images = np.full((2, 32, 32, 3), 0.5, np.float32)
   images[1, 8:16, 16:24] = np.random.default_rng(0).uniform(size=(8, 8, 3))
   z = trainer.model.apply({"params": state.params}, images, method=lambda m, y: m.encoder(y))
@@ -147,8 +145,16 @@ def test_dead_codes_of_a_group_restart_on_that_groups_sub_vectors():
   )
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path, shapes_task_name):
-  _train(tmp_path, shapes_task_name + "_images", num_steps=4)
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, shapes_task_name):
+  """A run of 4 steps, checkpointed at 2 and 4: tests copy it before changing it."""
+  model_dir = tmp_path_factory.mktemp("four_steps")
+  _train(model_dir, shapes_task_name + "_images", num_steps=4)
+  return model_dir
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path, four_steps, shapes_task_name):
+  shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
   _train(tmp_path, shapes_task_name + "_images", num_steps=6)
   metrics = metric_logging.read_metrics(tmp_path)
   assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
@@ -156,8 +162,8 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, shapes_task_name)
   assert steps == [2, 4, 6]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, shapes_task_name, caplog):
-  _train(tmp_path, shapes_task_name + "_images", num_steps=4)
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, four_steps, caplog):
+  shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
   for path in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b"garbage")

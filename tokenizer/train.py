@@ -108,9 +108,23 @@ def train(
   if bad:
     raise ConfigError(f"freeze may name encoder, quantizer and decoder, not {sorted(bad)}.")
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
+  perceptual = partitioning.replicate(_perceptual_weights(vgg_weights, loss_weights), device_mesh)
+
+  dataset = input_pipeline.split_reader(
+    task,
+    task_feature_lengths={"image": config.image_size},
+    feature_converter=seqio.PassThroughFeatureConverter(),
+    global_batch_size=batch_size,
+    seed=seed,
+  )
+  train_data = dataset(train_split, None)
+  # A task of another image size is refused before the model is built, where its
+  # static shape says so; `to_global` checks every batch for the tasks it does not.
+  if None not in (static := train_data.element_spec["image"].shape[1:]):
+    _check_image_shape(tuple(static), task, config)
 
   trainer = _make_trainer(
-    config, loss_weights, optimizer, disc_optimizer, disc_channels, vgg_weights, freeze, num_steps
+    config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps
   )
   state, state_shardings = partitioning.init_sharded(
     lambda: trainer.init(jax.random.key(seed)), device_mesh, rules
@@ -120,16 +134,8 @@ def train(
       params=_load_start(init_from, config, state.params, state_shardings.params)
     )
 
-  dataset = input_pipeline.split_reader(
-    task,
-    task_feature_lengths={"image": config.image_size},
-    feature_converter=seqio.PassThroughFeatureConverter(),
-    global_batch_size=batch_size,
-    seed=seed,
-  )
-
   resumed = loop.resume(
-    model_dir, state, state_shardings, dataset(train_split, None), keep=keep_checkpoints,
+    model_dir, state, state_shardings, train_data, keep=keep_checkpoints,
     save_every=checkpoint_every, config=config, config_file=CONFIG_FILE,
   )  # fmt: skip
 
@@ -138,11 +144,7 @@ def train(
 
   def to_global(batch) -> jax.Array:
     images = np.asarray(batch["image"], np.float32)
-    if images.shape[1:] != (config.image_size, config.image_size, 3):
-      raise ConfigError(
-        f"Task {task!r} yields images of shape {images.shape[1:]}, but the tokenizer expects "
-        f"{(config.image_size, config.image_size, 3)}."
-      )
+    _check_image_shape(images.shape[1:], task, config)
     return jax.make_array_from_process_local_data(batch_sharding, images)
 
   evaluate = _evaluator(
@@ -154,7 +156,7 @@ def train(
   gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
     step=gan.gan_schedule_step(
-      trainer.train_step, gan_start, state_shardings, batch_sharding, replicated
+      trainer.train_step, gan_start, state_shardings, batch_sharding, replicated, perceptual
     ),
     next_batch=lambda: to_global(next(resumed.iterator)),
     loss_key="loss/total",
@@ -168,23 +170,33 @@ def train(
   )  # fmt: skip
 
 
+def _check_image_shape(shape: tuple, task: str, config: TokenizerConfig) -> None:
+  expected = (config.image_size, config.image_size, 3)
+  if tuple(shape) != expected:
+    raise ConfigError(
+      f"Task {task!r} yields images of shape {tuple(shape)}, but the tokenizer expects {expected}."
+    )
+
+
 def _make_trainer(
-  config, loss_weights, optimizer, disc_optimizer, disc_channels, vgg_weights, freeze, num_steps
+  config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps
 ) -> trainer_lib.Trainer:
-  """The trainer, with the perceptual loss's VGG16 when its weights file is given."""
-  perceptual = None
-  if vgg_weights and loss_weights.perceptual > 0:
-    perceptual = vgg.load_vgg16(vgg_weights)
-  elif loss_weights.perceptual > 0:
-    logging.info("Perceptual loss off: no VGG16 weights file given (train.vgg_weights).")
   return trainer_lib.Trainer(
     config,
     loss_weights,
     trainer_lib.freeze_groups(optim.adam(optimizer, num_steps), freeze),
     optim.adam(disc_optimizer, num_steps),
     disc_channels,
-    perceptual,
   )
+
+
+def _perceptual_weights(vgg_weights: str | None, loss_weights: losses.LossWeights):
+  """The perceptual loss's VGG16 weights when its file is given and the loss is on."""
+  if vgg_weights and loss_weights.perceptual > 0:
+    return vgg.load_vgg16(vgg_weights)
+  if loss_weights.perceptual > 0:
+    logging.info("Perceptual loss off: no VGG16 weights file given (train.vgg_weights).")
+  return None
 
 
 def _dead_code_restarts(trainer, every: int, seed: int):

@@ -39,7 +39,6 @@ class Trainer:
     optimizer: optax.GradientTransformation,
     disc_optimizer: optax.GradientTransformation,
     disc_channels: int,
-    perceptual_weights: dict | None,
   ):
     self.config = config
     self.weights = weights
@@ -47,7 +46,6 @@ class Trainer:
     self.disc = discriminator.Discriminator(base_channels=disc_channels)
     self.optimizer = optimizer
     self.disc_optimizer = disc_optimizer
-    self.perceptual_weights = perceptual_weights
 
   def init(self, rng: jax.Array) -> TokenizerState:
     images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
@@ -63,7 +61,7 @@ class Trainer:
       code_counts=jnp.zeros((self.config.codebook_size,), jnp.int32),
     )
 
-  def _generator_loss(self, params, disc_params, images, with_gan: bool):
+  def _generator_loss(self, params, disc_params, images, with_gan: bool, perceptual_weights):
     cfg, w = self.config, self.weights
     raw, ids, vq = self.model.apply({"params": params}, images)
     reconstruction = model.to_image(raw, cfg)
@@ -79,8 +77,8 @@ class Trainer:
     if cfg.logit_laplace:
       terms["logit_laplace"] = losses.logit_laplace_nll(raw, images)
       total += w.logit_laplace * terms["logit_laplace"]
-    if self.perceptual_weights is not None and w.perceptual > 0:
-      terms["perceptual"] = vgg.perceptual_distance(self.perceptual_weights, reconstruction, images)
+    if perceptual_weights is not None and w.perceptual > 0:
+      terms["perceptual"] = vgg.perceptual_distance(perceptual_weights, reconstruction, images)
       total += w.perceptual * terms["perceptual"]
     if with_gan:
       fake = self.disc.apply({"params": disc_params}, reconstruction)
@@ -89,11 +87,21 @@ class Trainer:
     terms["total"] = total
     return total, (terms, reconstruction, ids)
 
-  def train_step(self, state: TokenizerState, images: jax.Array, with_gan: bool):
-    """One generator update (and, with the GAN on, one discriminator update)."""
+  def train_step(
+    self,
+    state: TokenizerState,
+    images: jax.Array,
+    with_gan: bool,
+    perceptual_weights: dict | None = None,
+  ):
+    """One generator update (and, with the GAN on, one discriminator update).
+
+    `perceptual_weights`: VGG16's (`vgg.load_vgg16`) for the perceptual loss, None for
+    none; pass them as an argument of the jitted step (see `gan.gan_schedule_step`).
+    """
     grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
     (_, (terms, reconstruction, ids)), grads = grad_fn(
-      state.params, state.disc_params, images, with_gan
+      state.params, state.disc_params, images, with_gan, perceptual_weights
     )
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

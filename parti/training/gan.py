@@ -27,17 +27,28 @@ def discriminator_step(disc, optimizer, params, opt_state, real, fake, kind: str
 
 
 def gan_schedule_step(
-  train_step: Callable, gan_start: int | None, state_shardings, batch_shardings, replicated
+  train_step: Callable,
+  gan_start: int | None,
+  state_shardings,
+  batch_shardings,
+  replicated,
+  perceptual_weights=None,
 ) -> Callable:
   """(step, state, batch) -> (state, metrics) for GAN-trained models (the tokenizer, the
-  upsampler): `train_step(state, batch, with_gan)` compiled twice, without the
-  adversarial terms before step `gan_start` and with them from it (None: never), each
-  jitted with the state donated."""
+  upsampler): `train_step(state, batch, with_gan, perceptual_weights)` compiled twice,
+  without the adversarial terms before step `gan_start` and with them from it (None:
+  never), each jitted with the state donated.
+
+  `perceptual_weights` (VGG16's, replicated; None: no perceptual loss) go in as an
+  argument of every call, not as constants of the program: closed over, their 59 MB
+  would be embedded in the compiled step and hashed into and stored with its
+  compilation-cache entry (24 s more to compile the tokenizer's tiny test step).
+  """
 
   def jit_step(with_gan: bool):
     return jax.jit(
-      lambda state, batch: train_step(state, batch, with_gan=with_gan),
-      in_shardings=(state_shardings, batch_shardings),
+      lambda state, batch, frozen: train_step(state, batch, with_gan, frozen),
+      in_shardings=(state_shardings, batch_shardings, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
     )
@@ -45,6 +56,6 @@ def gan_schedule_step(
   steps = {False: jit_step(False), True: jit_step(True)}
 
   def step_fn(step: int, state, batch):
-    return steps[gan_start is not None and step >= gan_start](state, batch)
+    return steps[gan_start is not None and step >= gan_start](state, batch, perceptual_weights)
 
   return step_fn

@@ -77,7 +77,6 @@ class Trainer:
     optimizer: optax.GradientTransformation,
     disc_optimizer: optax.GradientTransformation,
     disc_channels: int,
-    perceptual_weights: dict | None,
   ):
     self.config = config
     self.weights = weights
@@ -85,7 +84,6 @@ class Trainer:
     self.disc = discriminator.Discriminator(base_channels=disc_channels)
     self.optimizer = optimizer
     self.disc_optimizer = disc_optimizer
-    self.perceptual_weights = perceptual_weights
 
   def init(self, rng: jax.Array, crop: int) -> UpsamplerState:
     """Fresh parameters; the discriminator is sized for outputs of `crop` * scale pixels."""
@@ -101,14 +99,14 @@ class Trainer:
       disc_opt_state=self.disc_optimizer.init(disc_params),
     )
 
-  def _generator_loss(self, params, disc_params, low, high, with_gan: bool):
+  def _generator_loss(self, params, disc_params, low, high, with_gan: bool, perceptual_weights):
     w = self.weights
     raw = self.model.apply({"params": params}, low)
     terms = {"l1": jnp.mean(jnp.abs(raw - high))}
     total = w.l1 * terms["l1"]
     upsampled = model.to_image(raw)
-    if self.perceptual_weights is not None and w.perceptual > 0:
-      terms["perceptual"] = vgg.perceptual_distance(self.perceptual_weights, upsampled, high)
+    if perceptual_weights is not None and w.perceptual > 0:
+      terms["perceptual"] = vgg.perceptual_distance(perceptual_weights, upsampled, high)
       total += w.perceptual * terms["perceptual"]
     if with_gan:
       fake = self.disc.apply({"params": disc_params}, upsampled)
@@ -117,12 +115,20 @@ class Trainer:
     terms["total"] = total
     return total, (terms, upsampled)
 
-  def train_step(self, state: UpsamplerState, batch: tuple[jax.Array, jax.Array], with_gan: bool):
+  def train_step(
+    self,
+    state: UpsamplerState,
+    batch: tuple[jax.Array, jax.Array],
+    with_gan: bool,
+    perceptual_weights: dict | None = None,
+  ):
     """One generator update on `batch` = (low, high) (and, with the GAN on, one
-    discriminator update)."""
+    discriminator update); `perceptual_weights` as in the tokenizer's `Trainer`."""
     low, high = batch
     grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
-    (_, (terms, upsampled)), grads = grad_fn(state.params, state.disc_params, low, high, with_gan)
+    (_, (terms, upsampled)), grads = grad_fn(
+      state.params, state.disc_params, low, high, with_gan, perceptual_weights
+    )
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {f"loss/{k}": v for k, v in terms.items()}
