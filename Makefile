@@ -32,10 +32,11 @@ device-check: $(STAMP)
 	  --gin.MODEL_DIR=$(RUNS)/device_check
 
 ## test: install, then lint and run the whole test suite, a worker per core (pytest-xdist;
-## each test file runs on one worker, so its module fixtures are made once). As root on Debian it also
+## each test file runs on one worker, so its module fixtures are made once, and the files that share
+## the trained tokenizer on one worker together: see tests/conftest.py). As root on Debian it also
 ## installs chromium and chromedriver (Debian's packages) for the rating app's browser test.
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \

@@ -51,6 +51,20 @@ def pytest_configure(config):
     )
 
 
+# Session fixtures are made once per xdist worker. The files that use this one (a
+# trained tokenizer: about a minute on the 2-core machine, twice that beside another
+# worker) run on one worker, as one xdist group; every other file is its own group, so
+# its module fixtures are made once. `make test` runs with --dist loadgroup.
+SHARED_ON_ONE_WORKER = "trained_tokenizer"
+
+
+def pytest_collection_modifyitems(config, items):
+  sharing = {item.path for item in items if SHARED_ON_ONE_WORKER in item.fixturenames}
+  for item in items:
+    group = SHARED_ON_ONE_WORKER if item.path in sharing else item.path.name
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(params=sorted(MESH_LAYOUTS), ids=str)
 def mesh_config(request) -> partitioning.MeshConfig:
   """Each mesh layout in turn."""

@@ -502,27 +502,25 @@ def test_image_completion_refuses_what_it_cannot_complete(tmp_path, parti_run, t
   assert not list((tmp_path / "a").rglob("*.png"))  # Refused before anything was made.
 
 
-@pytest.mark.parametrize("mode", ["completion", "edit"])
 def test_two_processes_of_four_devices_write_what_one_of_eight_does(
-  tmp_path, parti_run, trained_tokenizer, mode
+  tmp_path, parti_run, trained_tokenizer
 ):
   # Five requests in batches of four: the second batch has one prompt, so host 1
-  # pads with host 0's. Image completion, or editing, runs too: each host encodes the
-  # images.
+  # pads with host 0's. They are edits, so each host also encodes its requests'
+  # images, as image completion does (which runs the same reading and encoding on
+  # each host, and is tested on one process above).
   rng = np.random.default_rng(1)
   requests = []
   for index, text in enumerate(["a red circle", "two blue squares", "a star", "a cross", "x"]):
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(tmp_path / f"{index}.png")
-    requests.append({"prompt": text, "image": f"{index}.png", "seed": index})
-    if mode == "edit":
-      requests[-1]["box"] = [6 * index, 8, 6 * index + 8, 24]  # Each its own region.
+    box = [6 * index, 8, 6 * index + 8, 24]  # Each its own region.
+    requests.append({"prompt": text, "image": f"{index}.png", "seed": index, "box": box})
   prompts = _requests(tmp_path / "requests.jsonl", requests)
-  options = dataclasses.replace(OPTIONS, prefix_rows=int(mode == "completion"))
-  one = run(tmp_path / "one", parti_run, trained_tokenizer, prompts, options=options)
+  one = run(tmp_path / "one", parti_run, trained_tokenizer, prompts)
 
   args = dict(
     checkpoint_dir=parti_run, tokenizer_dir=str(trained_tokenizer), prompts=prompts,
-    output_dir=str(tmp_path / "two"), options=options, batch_size=4, mesh=MESH,
+    output_dir=str(tmp_path / "two"), options=OPTIONS, batch_size=4, mesh=MESH,
   )  # fmt: skip
   (tmp_path / "two.gin").write_text(as_gin("infer", args))
   run_on_two_hosts(["-m", "parti.infer", f"--gin_file={tmp_path / 'two.gin'}"], tmp_path)
@@ -540,8 +538,7 @@ def test_two_processes_of_four_devices_write_what_one_of_eight_does(
   for entry in one:
     theirs = by_index[entry["index"]]
     assert theirs["scores"] == pytest.approx(entry["scores"], rel=1e-5)
-    given = [entry["prefix_file"]] if mode == "completion" else [entry["edit"]["input_file"]]
-    for name in entry["files"] + given:
+    for name in [*entry["files"], entry["edit"]["input_file"]]:
       assert (two / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
   assert (two / infer.GALLERY).read_text().count('class="card"') == 5
 

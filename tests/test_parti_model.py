@@ -305,7 +305,7 @@ def single_device_gradients():
   config = tiny_config(num_heads=8, embed_dim=64, mlp_dim=128, num_encoder_layers=1)
   trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
   batch = example_batch(config, 8)
-  params = nn.meta.unbox(trainer.init_params(jax.random.key(0)))
+  params = jax.jit(lambda: nn.meta.unbox(trainer.init_params(jax.random.key(0))))()
   grads, sums = jax.jit(trainer.gradients)(params, batch, jax.random.key(1))
   return config, batch, params, grads, sums
 
@@ -317,9 +317,8 @@ def test_sharded_loss_and_gradients_equal_single_device(layout, single_device_gr
   mesh = partitioning.create_mesh(mesh_config)
   rules = partitioning.rules_for(mesh_config)
   trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
-  _, shardings = partitioning.init_sharded(
-    lambda: trainer.init_params(jax.random.key(0)), mesh, rules
-  )
+  abstract = jax.eval_shape(lambda: trainer.init_params(jax.random.key(0)))
+  shardings = partitioning.tree_shardings(mesh, abstract, rules)
   sharded_params = jax.device_put(params, shardings)
   batch_sharding = partitioning.logical_sharding(mesh, ("batch", None), rules)
   sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
