@@ -49,7 +49,7 @@ def test_distance_is_zero_for_equal_images_and_grows_with_difference(weights_fil
   far = float(distance(weights, images, other))
   assert same == pytest.approx(0.0, abs=1e-6)
   assert 0 < near < far
-  gradient = jax.jit(jax.grad(distance, argnums=1))(weights, images, other)
+  gradient = jax.jit(jax.grad(vgg.perceptual_distance, argnums=1))(weights, images, other)
   assert bool(jnp.all(jnp.isfinite(gradient)))
   assert float(jnp.abs(gradient).sum()) > 0
 
