@@ -12,19 +12,18 @@ ratio divided by the call cost's ratio, so this prints, per window:
   against the square-matmul peak (`bench/matmul_peak.py`): the share of the peak that a
   call's largest matmuls reach at the row counts decoding gives them.
 
-Without --checkpoint_dir the model is the Jacobi bench's random one (same shapes as the
-trained tiny model); the cost of a call does not depend on the weights.
+Without --checkpoint_dir the model is the Jacobi benches' random one at a 16x16 grid (the
+trained model's shapes, `jacobi_models.RANDOM`).
 """
 
-import time
-
+import jacobi_models
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 from absl import app, flags
-from flax import linen as nn
 
-from parti.modeling import flops, model
+from parti.modeling import flops
 from parti.modeling.config import PartiConfig
 from parti.modeling.model import Parti, unstack_layers
 from parti.sampling import decoding, jacobi
@@ -33,38 +32,6 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint_dir", None, "A trained parti.train
 _WINDOWS = flags.DEFINE_list("windows", ["1", "4", "8", "16"], "Positions fed per call.")
 _CALLS = flags.DEFINE_integer("calls", 60, "Decoder calls per timed program.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed programs per window (the fastest counts).")
-
-# The Jacobi bench's random model (bench/jacobi_sampling.py), at the trained model's grid.
-RANDOM = dict(
-  text_vocab_size=128, text_length=32, image_vocab_size=512, num_encoder_layers=2,
-  num_decoder_layers=4, embed_dim=128, mlp_dim=512, num_heads=4, dtype="float32",
-  image_grid=(16, 16),
-)  # fmt: skip
-
-
-def _model(checkpoint_dir: str | None) -> tuple[PartiConfig, dict]:
-  if checkpoint_dir is None:
-    config = PartiConfig(**RANDOM)
-    return config, jax.jit(lambda: nn.meta.unbox(model.init_params(config, jax.random.key(0))))()
-  from parti import partitioning
-  from parti.modeling import checkpoint_io
-
-  mesh_config = partitioning.MeshConfig()
-  mesh = partitioning.create_mesh(mesh_config)
-  config, params, _, _ = checkpoint_io.load_params(
-    checkpoint_dir, mesh, partitioning.rules_for(mesh_config)
-  )
-  return config, params
-
-
-def _fastest(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def decoder_call_seconds(config: PartiConfig, params, window: int, calls: int) -> float:
@@ -96,7 +63,7 @@ def decoder_call_seconds(config: PartiConfig, params, window: int, calls: int) -
     return jax.lax.fori_loop(0, calls, call, (cache, jnp.float32(0)))[1]
 
   mask, cache = jax.jit(prefill)(params, text)
-  return _fastest(jax.jit(run), params, mask, cache) / calls
+  return timing.best_time(jax.jit(run), params, mask, cache, repeats=_REPEATS.value) / calls
 
 
 def mlp_matmul_flops_per_second(config: PartiConfig, rows: int, repeats: int = 200) -> float:
@@ -108,13 +75,17 @@ def mlp_matmul_flops_per_second(config: PartiConfig, rows: int, repeats: int = 2
   def run(x, wi, wo):
     return jax.lax.fori_loop(0, repeats, lambda _, x: jnp.tanh((x @ wi) @ wo), x)
 
-  seconds = _fastest(jax.jit(run), jnp.ones((rows, config.embed_dim)), wi, wo) / repeats
+  x = jnp.ones((rows, config.embed_dim))
+  seconds = timing.best_time(jax.jit(run), x, wi, wo, repeats=_REPEATS.value) / repeats
   return 2 * 2 * rows * config.embed_dim * config.mlp_dim / seconds
 
 
 def main(argv):
   del argv
-  config, params = _model(_CHECKPOINT.value)
+  if _CHECKPOINT.value:
+    config, params, _ = jacobi_models.trained_model(_CHECKPOINT.value)
+  else:
+    config, params = jacobi_models.random_model(16)
   peak = flops.measure_matmul_peak(size=1024, dtype="float32")
   print(f"matmul peak {peak.flops_per_second / 1e9:.1f} GFLOP/s ({peak.device}, 1024, float32)")
   print("| window | rows | decoder call | vs window 1 | MLP matmul GFLOP/s | share of peak |")

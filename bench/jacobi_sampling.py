@@ -19,13 +19,12 @@ from __future__ import annotations
 import functools
 import time
 
+import jacobi_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import linen as nn
 
-from parti.modeling import model
 from parti.modeling.config import PartiConfig
 from parti.sampling import decoding, jacobi
 
@@ -40,10 +39,6 @@ _PROMPTS = flags.DEFINE_integer(
 )
 
 GUIDANCE, TOP_K = 2.0, 64
-RANDOM = dict(
-  text_vocab_size=128, text_length=32, image_vocab_size=512, num_encoder_layers=2,
-  num_decoder_layers=4, embed_dim=128, mlp_dim=512, num_heads=4, dtype="float32",
-)  # fmt: skip
 
 
 def _interleaved_seconds(samplers: dict, *args) -> tuple[dict, dict]:
@@ -131,24 +126,6 @@ def faithfulness(config: PartiConfig, params, batch: int = 64) -> None:
     )
 
 
-def _random_model(grid: int):
-  config = PartiConfig(**RANDOM, image_grid=(grid, grid))
-  params = jax.jit(lambda: nn.meta.unbox(model.init_params(config, jax.random.key(0))))()
-  return config, params
-
-
-def _trained_model(checkpoint_dir: str):
-  from parti import partitioning
-  from parti.modeling import checkpoint_io
-
-  mesh_config = partitioning.MeshConfig()
-  mesh = partitioning.create_mesh(mesh_config)
-  config, params, _, step = checkpoint_io.load_params(
-    checkpoint_dir, mesh, partitioning.rules_for(mesh_config)
-  )
-  return config, params, step
-
-
 def _prompts(config: PartiConfig, batch: int) -> jax.Array:
   """The palette task's validation captions, tokenized (the shapes vocabulary)."""
   from parti.sampling.prompts import PromptEncoder
@@ -169,13 +146,13 @@ def main(argv):
   )
   print("|---|---|---|---|---|---|---|---|")
   if _CHECKPOINT.value:
-    config, params, step = _trained_model(_CHECKPOINT.value)
+    config, params, step = jacobi_models.trained_model(_CHECKPOINT.value)
     for batch in map(int, _BATCHES.value):
       compare(config, params, _prompts(config, batch), f"trained, step {step}")
     faithfulness(config, params)
     return
   for grid in map(int, _GRIDS.value):
-    config, params = _random_model(grid)
+    config, params = jacobi_models.random_model(grid)
     rng = np.random.default_rng(0)
     for batch in map(int, _BATCHES.value):
       text = jnp.asarray(rng.integers(2, 128, (batch, config.text_length)), jnp.int32)
