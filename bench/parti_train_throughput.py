@@ -11,12 +11,14 @@ over the measured peak of square matmuls in the same dtype.
 Configs:
   tiny     gin/models/parti_tiny.gin (2 + 4 layers, width 128, 256 image tokens)
   small    4 + 8 layers, width 512, 8 heads, MLP 2048, 256 image tokens, 32 text tokens
-  matched  parti-pytorch 0.2.0's decoder (bench/peer.py): 4 layers, width 256, 4 heads of
-           64, MLP 1024, 512 codes, 256 image and 32 text tokens, batch 16. The text
-           side is as close as the two allow: the peer reads a frozen T5's 256-wide
-           output; ours has 1 encoder layer over a 128-piece vocabulary (about 3% of
-           the step's FLOPs). Our attention has 4 key/value heads where the peer's has
-           one shared 64-d key/value vector (multi-query).
+  matched  parti-pytorch 0.2.0's decoder (bench/peer.py): 4 layers, width 256, 4 query
+           heads of 64 sharing one key and value head (multi-query, num_kv_heads=1, as
+           the peer's), MLP 1024, 512 codes, 256 image and 32 text tokens, batch 16. The
+           text side is as close as the two allow: the peer reads a frozen T5's
+           256-wide output; ours has 1 encoder layer over a 128-piece vocabulary (about
+           3% of the step's FLOPs). The peer also adds a learned null key and value.
+  matched_mha  the same with 4 key and value heads (the matched shape until
+           2026-12-03), to measure what multi-query attention changes
   350m     the paper's 350M (gin/models/parti_350m.gin), for accelerators
 """
 
@@ -65,6 +67,14 @@ CONFIGS: dict[str, tuple[PartiConfig, int]] = {
     16,
   ),
   "matched": (
+    PartiConfig(
+      text_vocab_size=128, text_length=32, image_vocab_size=512, image_grid=(16, 16),
+      num_encoder_layers=1, num_decoder_layers=4, embed_dim=256, mlp_dim=1024, num_heads=4,
+      num_kv_heads=1,
+    ),
+    16,
+  ),
+  "matched_mha": (
     PartiConfig(
       text_vocab_size=128, text_length=32, image_vocab_size=512, image_grid=(16, 16),
       num_encoder_layers=1, num_decoder_layers=4, embed_dim=256, mlp_dim=1024, num_heads=4,

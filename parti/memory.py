@@ -187,7 +187,7 @@ def activation_bytes_per_example(
   Args:
     config: the architecture.
     text_length: text tokens per example.
-    split: how many ways a logical axis ("embed", "heads", "mlp", "vocab") is
+    split: how many ways a logical axis ("embed", "heads", "kv_heads", "mlp", "vocab") is
       split over the mesh; activations are divided accordingly.
   """
   c = jnp.dtype(config.dtype).itemsize
@@ -195,13 +195,14 @@ def activation_bytes_per_example(
   t, n = text_length + (config.image_length if config.edit_context else 0), config.image_length
   d = config.embed_dim / split("embed")
   a = config.num_heads * config.per_head_dim / split("heads")
+  # Keys' and values' width: the query's unless grouped, then on the `kv_heads` axis.
+  grouped = config.kv_heads < config.num_heads
+  kv = config.kv_heads * config.per_head_dim / split("kv_heads" if grouped else "heads")
   h = config.num_heads / split("heads")
   m = config.mlp_dim / split("mlp") * (2 if config.gated_mlp else 1)
 
   def attention(queries, keys, *, self_attention):
-    projections = (3 if self_attention else 1) * queries * a * c + (
-      0 if self_attention else 2 * keys * a * c
-    )
+    projections = queries * a * c + 2 * (queries if self_attention else keys) * kv * c
     return projections + h * queries * keys * (f + c) + queries * a * c
 
   def layer(tokens, keys_text):
@@ -212,9 +213,9 @@ def activation_bytes_per_example(
     return norms + attn + 2 * tokens * m * c
 
   def dots(tokens, keys_text):
-    saved = 3 * tokens * a * c + tokens * d * c + tokens * m * c + tokens * d * c
+    saved = tokens * (a + 2 * kv) * c + tokens * d * c + tokens * m * c + tokens * d * c
     if keys_text:
-      saved += tokens * a * c + 2 * keys_text * a * c + tokens * d * c
+      saved += tokens * a * c + 2 * keys_text * kv * c + tokens * d * c
     return saved
 
   layer_input = {"encoder": t * d * f, "decoder": n * d * f}

@@ -23,6 +23,7 @@ Logical axes used by the project's modules:
 | `embed`      | the model (residual) dimension            |
 | `mlp`        | the MLP hidden dimension                  |
 | `heads`      | attention heads                           |
+| `kv_heads`   | key and value heads, when fewer than the query's (grouped-query attention) |
 | `kv`         | per-head dimension                        |
 | `vocab`      | vocabulary / codebook entries             |
 | `layers`     | the stacked-layer axis of a scanned stack |
@@ -53,6 +54,10 @@ _BATCH = ("data", "fsdp")
 
 # Rule sets, named after the strategies of the Parti and GSPMD papers. Every
 # logical axis a module uses appears in each set; `None` means replicated.
+# `kv_heads` is replicated in all of them: grouped key and value heads are few (one
+# for multi-query attention), often fewer than the model axis's devices, and their
+# projections are a group's fraction of the queries', so each model partition
+# computes them whole, as Megatron-LM does when there are fewer than its ranks.
 RULE_SETS: dict[str, LogicalRules] = {
   # Parti 350M / 750M: parameters replicated, batch split.
   "data_parallel": (
@@ -62,6 +67,7 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("mlp", None),
     ("heads", None),
     ("kv", None),
+    ("kv_heads", None),
     ("vocab", None),
     ("layers", None),
     ("relpos_buckets", None),
@@ -75,6 +81,7 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
+    ("kv_heads", None),
     ("vocab", "model"),
     ("layers", None),
     ("relpos_buckets", None),
@@ -89,6 +96,7 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
+    ("kv_heads", None),
     ("vocab", "model"),
     ("layers", None),
     ("relpos_buckets", None),
@@ -103,6 +111,7 @@ RULE_SETS: dict[str, LogicalRules] = {
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
     ("kv", None),
+    ("kv_heads", None),
     ("vocab", "fsdp"),
     ("layers", None),
     ("relpos_buckets", None),

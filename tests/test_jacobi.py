@@ -51,6 +51,22 @@ def test_greedy_jacobi_decoding_gives_greedy_decodings_tokens(
     assert int(calls) < standard_calls
 
 
+def test_greedy_jacobi_decoding_with_multi_query_attention_gives_greedy_tokens():
+  # One key and value head: the caches Jacobi rewinds are [batch, 1, length, head_dim].
+  config = CONFIG.replace(num_kv_heads=1)
+  params = jax.tree_util.tree_map(lambda x: 3.0 * x, init_params(config))
+  text = jnp.asarray(example_batch(config, 3)["encoder_input_tokens"])
+  options = dict(temperature=0.0, guidance_scale=2.0)
+  standard, _ = jax.jit(functools.partial(decoding.sample, config, **options))(
+    params, text, jax.random.key(0)
+  )
+  tokens, _, calls = jax.jit(functools.partial(jacobi.sample, config, window=4, **options))(
+    params, text, jax.random.key(0)
+  )
+  np.testing.assert_array_equal(tokens, standard)
+  assert len(np.unique(standard)) > 3 and int(calls) < config.image_length - 1
+
+
 def test_greedy_jacobi_decoding_continues_a_prefix(params_and_text):
   params, text = params_and_text
   prefix = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 5)), jnp.int32)

@@ -13,7 +13,7 @@ from flax import linen as nn
 from helpers import MESH_LAYOUTS, REPO_ROOT, example_batch, forward, init_params, tiny_config
 
 from parti import partitioning
-from parti.modeling import flops
+from parti.modeling import flops, layers
 from parti.modeling.config import PartiConfig
 from parti.modeling.model import (
   Parti,
@@ -90,6 +90,8 @@ def test_gated_mlp_makes_350m_much_larger():
     ("image_grid", (0, 4), "image_grid"),
     ("remat_policy", "some", "remat_policy"),
     ("tokens_per_patch", 3, "must divide the image grid's columns 4"),
+    ("num_kv_heads", 3, "positive divisor of num_heads 4"),
+    ("num_kv_heads", 0, "positive divisor of num_heads 4"),
   ],
 )
 def test_bad_configs_are_refused(field, value, message):
@@ -195,6 +197,8 @@ def _decode_in_steps(config, params, text, tokens, prefill):
     ({"tokens_per_patch": 2}, 1),
     ({"tokens_per_patch": 2, "scan_layers": False}, 4),
     ({"tokens_per_patch": 2}, 3),
+    ({"num_kv_heads": 1}, 1),
+    ({"num_kv_heads": 2, "scan_layers": False, "transposed_key_cache": True}, 3),
   ],
   ids=[
     "scan",
@@ -205,6 +209,8 @@ def _decode_in_steps(config, params, text, tokens, prefill):
     "two_tokens_per_patch",
     "two_tokens_per_patch_prefill4",
     "two_tokens_per_patch_prefill3",
+    "multi_query",
+    "grouped_query_transposed_keys_prefill3",
   ],
 )
 def test_cached_decoding_matches_the_full_forward(overrides, prefill):
@@ -300,9 +306,7 @@ def test_training_forward_drops_conditions_and_eval_does_not():
 # --- Sharding ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def single_device_gradients():
-  config = tiny_config(num_heads=8, embed_dim=64, mlp_dim=128, num_encoder_layers=1)
+def _single_device_gradients(config):
   trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
   batch = example_batch(config, 8)
   params = jax.jit(lambda: nn.meta.unbox(trainer.init_params(jax.random.key(0))))()
@@ -310,10 +314,26 @@ def single_device_gradients():
   return config, batch, params, grads, sums
 
 
+@pytest.fixture(scope="module")
+def single_device_gradients():
+  return _single_device_gradients(
+    tiny_config(num_heads=8, embed_dim=64, mlp_dim=128, num_encoder_layers=1)
+  )
+
+
 @pytest.mark.parametrize("layout", sorted(MESH_LAYOUTS))
 def test_sharded_loss_and_gradients_equal_single_device(layout, single_device_gradients):
-  config, batch, params, expected_grads, expected_sums = single_device_gradients
-  mesh_config = MESH_LAYOUTS[layout]
+  _check_sharded_gradients(MESH_LAYOUTS[layout], *single_device_gradients)
+
+
+def test_grouped_query_attention_sharded_over_more_devices_than_key_heads():
+  # Two key and value heads on a model axis of 4: the query heads are split over
+  # it, the key and value heads replicated (`kv_heads`), and the gradients agree.
+  config = tiny_config(num_heads=8, num_kv_heads=2, embed_dim=64, mlp_dim=128, num_encoder_layers=1)
+  _check_sharded_gradients(MESH_LAYOUTS["2x4"], *_single_device_gradients(config))
+
+
+def _check_sharded_gradients(mesh_config, config, batch, params, expected_grads, expected_sums):
   mesh = partitioning.create_mesh(mesh_config)
   rules = partitioning.rules_for(mesh_config)
   trainer = PartiTrainer(config, optim.adafactor(optim.AdafactorConfig()), z_loss=1e-4)
@@ -366,11 +386,13 @@ def test_optimizer_state_is_sharded_like_its_parameters(mesh_4x2):
 # --- Model FLOPs ------------------------------------------------------------------------------
 
 
-def test_model_flops_agree_with_xla_cost_analysis():
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_model_flops_agree_with_xla_cost_analysis(num_kv_heads):
   # Unscanned: XLA's cost analysis counts a scanned body once, not once per layer.
   config = tiny_config(
-    embed_dim=128, mlp_dim=512, num_heads=4, text_length=16, image_grid=(8, 8), scan_layers=False
-  )
+    embed_dim=128, mlp_dim=512, num_heads=4, text_length=16, image_grid=(8, 8), scan_layers=False,
+    num_kv_heads=num_kv_heads,
+  )  # fmt: skip
   batch = example_batch(config, 4)
   params = init_params(config)
   model = Parti(config)
@@ -383,6 +405,48 @@ def test_model_flops_agree_with_xla_cost_analysis():
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   expected = 4 * flops.parti_forward_flops(config)
   assert 0.9 < analysis["flops"] / expected < 1.25, analysis["flops"] / expected
+
+
+@pytest.mark.parametrize(
+  ("kv_heads_major", "keys_transposed"), [(False, False), (True, False), (True, True)]
+)
+def test_grouped_query_attention_is_each_key_head_repeated_for_its_query_heads(
+  kv_heads_major, keys_transposed
+):
+  # 6 query heads over 2 key and value heads: heads 0-2 read key head 0, 3-5 head 1.
+  q, k, v, bias = (
+    jax.random.normal(jax.random.key(i), shape)
+    for i, shape in enumerate([(2, 5, 6, 8), (2, 7, 2, 8), (2, 7, 2, 8), (1, 6, 5, 7)])
+  )
+  mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 1, 5, 7)).at[..., 0].set(True)
+
+  def attend(key, value):
+    if kv_heads_major:
+      key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+    if keys_transposed:
+      key = jnp.swapaxes(key, 2, 3)
+    return layers.dot_product_attention(
+      q, key, value, mask, bias, 0.0, True, None, kv_heads_major, keys_transposed
+    )
+
+  repeated = attend(jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2))
+  np.testing.assert_allclose(attend(k, v), repeated, atol=1e-5)
+  # And it is not what the heads would give reading the other key head.
+  swapped = attend(jnp.repeat(k[:, :, ::-1], 3, axis=2), jnp.repeat(v[:, :, ::-1], 3, axis=2))
+  assert not np.allclose(attend(k, v), swapped, atol=1e-3)
+
+
+def test_multi_query_attention_shares_one_key_and_value_head():
+  # One key and one value head per attention layer: each projection shrinks from
+  # [embed, heads, head_dim] to [embed, 1, head_dim], and so do the FLOPs counted.
+  full, shared = tiny_config(), tiny_config(num_kv_heads=1)
+  attention = init_params(shared)["decoder"]["layers"]["self_attention"]
+  assert attention["key"]["kernel"].shape[-2:] == (1, shared.per_head_dim)
+  assert attention["query"]["kernel"].shape[-2:] == (4, shared.per_head_dim)
+  layers = full.num_encoder_layers + 2 * full.num_decoder_layers  # Self and cross.
+  saved = layers * 2 * full.embed_dim * 3 * full.per_head_dim  # 3 of 4 key and value heads.
+  assert _parameter_count(full) - _parameter_count(shared) == saved
+  assert flops.parti_forward_flops(shared) < flops.parti_forward_flops(full)
 
 
 def test_embeddings_from_the_codebook_keep_its_geometry():

@@ -32,6 +32,10 @@ class PartiConfig(JsonConfig):
     embed_dim: model (residual) width.
     mlp_dim: MLP hidden width.
     num_heads: attention heads.
+    num_kv_heads: key and value heads in every attention layer, a divisor of num_heads
+      (default num_heads): fewer share each key and value head among a group of query
+      heads (grouped-query attention; one head is multi-query attention, as
+      parti-pytorch's). The decoding caches shrink by num_heads / num_kv_heads.
     num_encoder_layers: text encoder blocks.
     num_decoder_layers: image decoder blocks.
     head_dim: per-head width (default embed_dim // num_heads).
@@ -74,6 +78,7 @@ class PartiConfig(JsonConfig):
   embed_dim: int = 1024
   mlp_dim: int = 4096
   num_heads: int = 16
+  num_kv_heads: int | None = None
   num_encoder_layers: int = 12
   num_decoder_layers: int = 12
   head_dim: int | None = None
@@ -131,6 +136,13 @@ class PartiConfig(JsonConfig):
         f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
         "set head_dim explicitly."
       )
+    if self.num_kv_heads is not None and (
+      self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads
+    ):
+      raise ConfigError(
+        f"PartiConfig.num_kv_heads must be a positive divisor of num_heads {self.num_heads}, "
+        f"got {self.num_kv_heads!r}."
+      )
     for field in ("dropout_rate", "cfg_dropout_rate"):
       if not 0.0 <= getattr(self, field) < 1.0:
         raise ConfigError(f"PartiConfig.{field} must be in [0, 1), got {getattr(self, field)}.")
@@ -158,6 +170,11 @@ class PartiConfig(JsonConfig):
   @property
   def per_head_dim(self) -> int:
     return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key and value heads per attention layer."""
+    return self.num_kv_heads or self.num_heads
 
   def replace(self, **changes) -> PartiConfig:
     return dataclasses.replace(self, **changes)

@@ -91,12 +91,13 @@ def parti_forward_flops(config, text_length: int | None = None) -> float:
   t = (text_length or config.text_length) + (config.image_length if config.edit_context else 0)
   n = config.image_length
   d, m, hd = config.embed_dim, config.mlp_dim, config.num_heads * config.per_head_dim
+  kvd = config.kv_heads * config.per_head_dim  # Keys' and values' width (grouped: less).
   mlp_mats = 3 if config.gated_mlp else 2
-  encoder_layer = 2 * (4 * t * d * hd + mlp_mats * t * d * m + 2 * t * t * hd)
+  encoder_layer = 2 * (2 * t * d * (hd + kvd) + mlp_mats * t * d * m + 2 * t * t * hd)
   decoder_layer = 2 * (
-    4 * n * d * hd  # self-attention projections
+    2 * n * d * (hd + kvd)  # self-attention projections
     + 2 * n * d * hd
-    + 2 * t * d * hd  # cross-attention: q, out on images; k, v on text
+    + 2 * t * d * kvd  # cross-attention: q, out on images; k, v on text
     + mlp_mats * n * d * m
     + 2 * n * n * hd  # self-attention scores and mixing
     + 2 * n * t * hd  # cross-attention scores and mixing

@@ -156,9 +156,15 @@ class Attention(nn.Module):
     encoder output) are computed by the first call and only read afterwards, so a
     decoding step costs nothing per text token but the dot products.
 
-  Both caches keep values as [batch, heads, length, head_dim], and keys in the same
-  layout or, with `transposed_key_cache`, as [batch, heads, head_dim, length]; see
-  `dot_product_attention` for which suits which decoder.
+  Both caches keep values as [batch, kv_heads, length, head_dim], and keys in the
+  same layout or, with `transposed_key_cache`, as [batch, kv_heads, head_dim,
+  length]; see `dot_product_attention` for which suits which decoder.
+
+  `num_kv_heads` below `num_heads` shares each key and value head among
+  num_heads / num_kv_heads consecutive query heads: grouped-query attention
+  (Ainslie et al. 2023), and multi-query attention (Shazeer 2019) at one. The key
+  and value projections and the caches shrink by that factor; the keys' and values'
+  head axis is then the logical `kv_heads` (see `parti.partitioning`).
   """
 
   num_heads: int
@@ -168,6 +174,14 @@ class Attention(nn.Module):
   cross: bool = False
   max_length: int = 0
   transposed_key_cache: bool = False
+  num_kv_heads: int | None = None  # Default: num_heads.
+
+  @property
+  def kv_heads(self) -> int:
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {kv_heads}.")
+    return kv_heads
 
   @nn.compact
   def __call__(
@@ -184,6 +198,10 @@ class Attention(nn.Module):
     qkv_axes = ("batch", "length", "heads", "kv")
     query = dense(shape, axes, self.dtype, name="query")(inputs_q)
     query = nn.with_logical_constraint(query, qkv_axes)
+    if self.kv_heads < self.num_heads:
+      shape = (self.kv_heads, self.head_dim)
+      axes = ("embed", "kv_heads", "kv")
+      qkv_axes = ("batch", "length", "kv_heads", "kv")
     initialized = self.has_variable("cache", "cached_key")
     cached = False  # Keys and values in the caches' layouts (see the class docstring)?
     if decode and self.cross and initialized:
@@ -220,8 +238,8 @@ class Attention(nn.Module):
     if self.max_length < key.shape[1]:
       raise ValueError(f"Decoding {key.shape[1]} positions into a cache of {self.max_length}.")
     batch, length = key.shape[:2]
-    cache_shape = (batch, self.num_heads, self.max_length, self.head_dim)
-    transposed_shape = (batch, self.num_heads, self.head_dim, self.max_length)
+    cache_shape = (batch, self.kv_heads, self.max_length, self.head_dim)
+    transposed_shape = (batch, self.kv_heads, self.head_dim, self.max_length)
     key_shape = transposed_shape if self.transposed_key_cache else cache_shape
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key_shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, cache_shape, value.dtype)
@@ -254,7 +272,7 @@ class Attention(nn.Module):
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
-  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim]."""
+  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim] (any heads)."""
   return jnp.swapaxes(x, 1, 2)
 
 
@@ -271,7 +289,9 @@ def dot_product_attention(
 
   Args are [batch, length, heads, head_dim] (keys and values [batch, heads, length,
   head_dim] if `kv_heads_major`, keys [batch, heads, head_dim, length] if also
-  `keys_transposed`); returns [batch, q_length, heads, head_dim].
+  `keys_transposed`); returns [batch, q_length, heads, head_dim]. Keys and values
+  may have fewer heads than the query, a divisor of its count (grouped-query
+  attention): query head i then reads key and value head i // (heads / kv_heads).
 
   Which key layout is faster depends on the query's length, on XLA:CPU's matmul
   library: against keys as [.., length, head_dim] it transposes the keys at every
@@ -280,9 +300,27 @@ def dot_product_attention(
   the transposed layout made the matched sampling benchmark 15% slower.
   """
   depth = query.shape[-1]
+  kv_heads = key.shape[1 if kv_heads_major else 2]
+  if kv_heads < query.shape[2]:
+    return _grouped_attention(
+      query, key, value, mask, bias, dropout_rate, deterministic, make_rng,
+      kv_heads_major, keys_transposed,
+    )  # fmt: skip
   kv = "bhkd" if kv_heads_major else "bkhd"
   key_spec = "bhdk" if keys_transposed else kv
   logits = jnp.einsum(f"bqhd,{key_spec}->bhqk", query, key, preferred_element_type=jnp.float32)
+  weights = _attention_weights(logits, depth, mask, bias, dropout_rate, deterministic, make_rng)
+  if kv_heads_major:
+    # A batched matmul over (batch, heads), then the heads moved back: asked for
+    # [b, q, h, d] directly, XLA:CPU ran this with its slow generic dot once q > 1
+    # (67 us per layer and call for a 4-token Jacobi window, against 2 us).
+    mixed = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value)
+    return jnp.swapaxes(mixed, 1, 2)
+  return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(value.dtype), value)
+
+
+def _attention_weights(logits, depth, mask, bias, dropout_rate, deterministic, make_rng):
+  """Scaled, biased, masked logits [batch, heads, q, k] -> softmax weights (float32)."""
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -292,13 +330,32 @@ def dot_product_attention(
   if dropout_rate > 0.0 and not deterministic:
     keep = jax.random.bernoulli(make_rng("dropout"), 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  if kv_heads_major:
-    # A batched matmul over (batch, heads), then the heads moved back: asked for
-    # [b, q, h, d] directly, XLA:CPU ran this with its slow generic dot once q > 1
-    # (67 us per layer and call for a 4-token Jacobi window, against 2 us).
-    mixed = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value)
-    return jnp.swapaxes(mixed, 1, 2)
-  return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(value.dtype), value)
+  return weights
+
+
+def _grouped_attention(
+  query, key, value, mask, bias, dropout_rate, deterministic, make_rng,
+  kv_heads_major, keys_transposed,
+):  # fmt: skip
+  """`dot_product_attention` with fewer key and value heads than query heads.
+
+  The query's heads are split as [kv_heads, group] and each group's queries, at
+  every position, meet their shared key head in one matmul: [group * q_length,
+  head_dim] x [head_dim, kv_length] per example and key head, as multi-query
+  attention is meant to run, rather than the keys copied out to every query head.
+  """
+  batch, length, heads, depth = query.shape
+  kv_heads = key.shape[1 if kv_heads_major else 2]
+  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, depth)
+  kv = "bgkd" if kv_heads_major else "bkgd"
+  key_spec = "bgdk" if keys_transposed else kv
+  logits = jnp.einsum(
+    f"bqgrd,{key_spec}->bgrqk", grouped, key, preferred_element_type=jnp.float32
+  ).reshape(batch, heads, length, -1)
+  weights = _attention_weights(logits, depth, mask, bias, dropout_rate, deterministic, make_rng)
+  weights = weights.reshape(batch, kv_heads, heads // kv_heads, length, -1)
+  mixed = jnp.einsum(f"bgrqk,{kv}->bqgrd", weights.astype(value.dtype), value)
+  return mixed.reshape(batch, length, heads, depth)
 
 
 class EncoderBlock(nn.Module):
@@ -311,6 +368,7 @@ class EncoderBlock(nn.Module):
   gated_mlp: bool = False
   dropout_rate: float = 0.0
   head_dim: int | None = None  # Default: embed // num_heads.
+  num_kv_heads: int | None = None  # Default: num_heads (see `Attention`).
 
   @nn.compact
   def __call__(
@@ -319,9 +377,10 @@ class EncoderBlock(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     head_dim = self.head_dim or x.shape[-1] // self.num_heads
     y = Norm(self.norm, name="pre_attention_norm")(x)
-    y = Attention(self.num_heads, head_dim, self.dtype, self.dropout_rate, name="attention")(
-      y, y, mask, bias, deterministic
-    )
+    y = Attention(
+      self.num_heads, head_dim, self.dtype, self.dropout_rate,
+      num_kv_heads=self.num_kv_heads, name="attention",
+    )(y, y, mask, bias, deterministic)  # fmt: skip
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = Norm(self.norm, name="pre_mlp_norm")(x)
     y = Mlp(self.mlp_dim, self.dtype, self.gated_mlp, self.dropout_rate, name="mlp")(

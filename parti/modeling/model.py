@@ -195,6 +195,7 @@ class EncoderLayer(nn.Module):
       cfg.gated_mlp,
       cfg.dropout_rate,
       head_dim=cfg.per_head_dim,
+      num_kv_heads=cfg.kv_heads,
       name="block",
     )(x, mask, bias, self.deterministic)
     return x, None
@@ -224,13 +225,15 @@ class DecoderLayer(nn.Module):
       cfg.dropout_rate,
       max_length=cfg.image_length,
       transposed_key_cache=cfg.transposed_key_cache,
+      num_kv_heads=cfg.kv_heads,
       name="self_attention",
     )(y, y, self_mask, None, self.deterministic, self.decode)
     x = x + dropout(y)
     y = layers.Norm(cfg.norm, name="pre_cross_attention_norm")(x)
     y = layers.Attention(
       cfg.num_heads, cfg.per_head_dim, dtype, cfg.dropout_rate, cross=True,
-      transposed_key_cache=cfg.transposed_key_cache, name="cross_attention",
+      transposed_key_cache=cfg.transposed_key_cache, num_kv_heads=cfg.kv_heads,
+      name="cross_attention",
     )(y, encoded, encoder_mask, None, self.deterministic, self.decode)  # fmt: skip
     x = x + dropout(y)
     y = layers.Norm(cfg.norm, name="pre_mlp_norm")(x)
