@@ -320,7 +320,7 @@ def dot_product_attention(
 
 
 def _attention_weights(logits, depth, mask, bias, dropout_rate, deterministic, make_rng):
-  """Scaled, biased, masked logits [batch, heads, q, k] -> softmax weights (float32)."""
+  """Scaled, biased, masked logits [..., k] -> softmax weights over k (float32)."""
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -339,22 +339,38 @@ def _grouped_attention(
 ):  # fmt: skip
   """`dot_product_attention` with fewer key and value heads than query heads.
 
-  The query's heads are split as [kv_heads, group] and each group's queries, at
-  every position, meet their shared key head in one matmul: [group * q_length,
-  head_dim] x [head_dim, kv_length] per example and key head, as multi-query
-  attention is meant to run, rather than the keys copied out to every query head.
+  The query's heads are split as [kv_heads, group], and each key head meets its
+  group's queries, every position's, in one matmul: [q_length * group, head_dim] x
+  [head_dim, kv_length] per example and key head, as multi-query attention is meant
+  to run, rather than the keys copied out to every query head. The logits are laid
+  out [batch, kv_heads, q_length, group, kv_length], so that with one key head the
+  query and the output are their [batch, length, heads, head_dim] selves reshaped,
+  with no transposes.
   """
   batch, length, heads, depth = query.shape
   kv_heads = key.shape[1 if kv_heads_major else 2]
-  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, depth)
+  group = heads // kv_heads
+
+  def grouped(x):
+    """[b, 1 or heads, q, k] -> [b, 1 or kv_heads, q, 1 or group, k]."""
+    if x.shape[1] == 1:
+      return x[:, :, :, None, :]
+    x = x.reshape(x.shape[0], kv_heads, group, *x.shape[2:])
+    return jnp.swapaxes(x, 2, 3)
+
   kv = "bgkd" if kv_heads_major else "bkgd"
   key_spec = "bgdk" if keys_transposed else kv
   logits = jnp.einsum(
-    f"bqgrd,{key_spec}->bgrqk", grouped, key, preferred_element_type=jnp.float32
-  ).reshape(batch, heads, length, -1)
-  weights = _attention_weights(logits, depth, mask, bias, dropout_rate, deterministic, make_rng)
-  weights = weights.reshape(batch, kv_heads, heads // kv_heads, length, -1)
-  mixed = jnp.einsum(f"bgrqk,{kv}->bqgrd", weights.astype(value.dtype), value)
+    f"bqgrd,{key_spec}->bgqrk",
+    query.reshape(batch, length, kv_heads, group, depth),
+    key,
+    preferred_element_type=jnp.float32,
+  )
+  weights = _attention_weights(
+    logits, depth, None if mask is None else grouped(mask), None if bias is None else grouped(bias),
+    dropout_rate, deterministic, make_rng,
+  )  # fmt: skip
+  mixed = jnp.einsum(f"bgqrk,{kv}->bqgrd", weights.astype(value.dtype), value)
   return mixed.reshape(batch, length, heads, depth)
 
 
