@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
@@ -210,6 +211,28 @@ def test_stage_two_freezes_encoder_and_codebook(tmp_path, trained_tokenizer, sha
 def test_unknown_freeze_group(tmp_path, shapes_task_name):
   with pytest.raises(ConfigError, match="freeze may name"):
     _train(tmp_path, shapes_task_name + "_images", num_steps=2, freeze=("encodr",))
+
+
+def test_negative_restart_steps_are_refused(tmp_path, shapes_task_name):
+  with pytest.raises(ConfigError, match="dead_code_restart_until must not be negative"):
+    _train(tmp_path, shapes_task_name + "_images", num_steps=2, dead_code_restart_until=-1)
+
+
+@pytest.mark.parametrize(("until", "restarted_at"), [(None, [3, 6, 9]), (6, [3, 6]), (0, [])])
+def test_dead_codes_restart_every_n_steps_until_the_last_step_allowed(until, restarted_at):
+  class CountingTrainer:
+    def restart_dead_codes(self, state, images, rng):
+      del images, rng
+      return state + 1, jnp.int32(7)
+
+  after_step = train._dead_code_restarts(CountingTrainer(), 3, until, seed=0)
+  state, seen = jnp.int32(0), []
+  for step in range(1, 11):
+    before = int(state)  # The restart donates the state it is given.
+    state, _ = after_step(step, state, jnp.zeros((1, 4, 4, 3)), None)
+    if int(state) != before:
+      seen.append(step)
+  assert seen == restarted_at
 
 
 # --- API --------------------------------------------------------------------------------------

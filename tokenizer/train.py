@@ -62,6 +62,7 @@ def train(
   keep_checkpoints: int = 3,
   vgg_weights: str | None = None,
   dead_code_restart_every: int = 0,
+  dead_code_restart_until: int | None = None,
   init_from: str | None = None,
   freeze: Sequence[str] = (),
   tfds_data_dir: str | None = None,
@@ -90,6 +91,9 @@ def train(
     keep_checkpoints: checkpoints kept.
     vgg_weights: VGG16 .npz for the perceptual loss (see tokenizer/vgg.py); None: off.
     dead_code_restart_every: restart codes unused for this many steps (0: never).
+    dead_code_restart_until: the last step that may restart codes (None: the last
+      step). A restarted code takes over the encoder outputs it lands on, and the
+      decoder then has to learn to draw it; stopping earlier leaves it the steps.
     init_from: a tokenizer MODEL_DIR whose parameters start this run (stage two).
     freeze: top-level parameter groups not to train ("encoder", "quantizer", "decoder").
     tfds_data_dir: where TFDS datasets are prepared (default: TFDS's).
@@ -107,6 +111,11 @@ def train(
   bad = set(freeze) - {"encoder", "quantizer", "decoder"}
   if bad:
     raise ConfigError(f"freeze may name encoder, quantizer and decoder, not {sorted(bad)}.")
+  if dead_code_restart_every < 0 or (dead_code_restart_until or 0) < 0:
+    raise ConfigError(
+      "dead_code_restart_every and dead_code_restart_until must not be negative, got "
+      f"{dead_code_restart_every} and {dead_code_restart_until}."
+    )
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
   perceptual = partitioning.replicate(_perceptual_weights(vgg_weights, loss_weights), device_mesh)
 
@@ -162,7 +171,7 @@ def train(
     loss_key="loss/total",
     metric_prefix="",
     evaluate=evaluate,
-    after_step=_dead_code_restarts(trainer, dead_code_restart_every, seed),
+    after_step=_dead_code_restarts(trainer, dead_code_restart_every, dead_code_restart_until, seed),
   )
   return loop.run(
     hooks, resumed, schedule=schedule, mesh=device_mesh, rules=rules, model_dir=model_dir,
@@ -199,13 +208,14 @@ def _perceptual_weights(vgg_weights: str | None, loss_weights: losses.LossWeight
   return None
 
 
-def _dead_code_restarts(trainer, every: int, seed: int):
-  """Every `every` steps (0: never), moves the codes unused since the last restart."""
+def _dead_code_restarts(trainer, every: int, until: int | None, seed: int):
+  """Every `every` steps (0: never) up to step `until` (None: no end), moves the codes
+  unused since the last restart."""
   restart = jax.jit(trainer.restart_dead_codes, donate_argnums=0)
 
   def after_step(step: int, state, images, writer):
     del writer  # Restarts log a line, not a metric.
-    if not (every and step % every == 0):
+    if not (every and step % every == 0) or (until is not None and step > until):
       return state, False
     state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
     logging.info("Step %d: restarted %d dead codes.", step, int(restarted))
