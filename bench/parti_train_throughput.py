@@ -74,15 +74,9 @@ CONFIGS: dict[str, tuple[PartiConfig, int]] = {
     ),
     16,
   ),
-  "matched_mha": (
-    PartiConfig(
-      text_vocab_size=128, text_length=32, image_vocab_size=512, image_grid=(16, 16),
-      num_encoder_layers=1, num_decoder_layers=4, embed_dim=256, mlp_dim=1024, num_heads=4,
-    ),
-    16,
-  ),
   "350m": (PartiConfig(), 32),
 }  # fmt: skip
+CONFIGS["matched_mha"] = (CONFIGS["matched"][0].replace(num_kv_heads=None), 16)
 
 
 def measure(name: str, peak: float) -> dict[str, float]:

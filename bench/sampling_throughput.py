@@ -67,12 +67,9 @@ CONFIGS = {
     text_vocab_size=128, image_vocab_size=512, num_encoder_layers=1, num_decoder_layers=4,
     embed_dim=256, mlp_dim=1024, num_heads=4, num_kv_heads=1,
   ),
-  "matched_mha": dict(
-    text_vocab_size=128, image_vocab_size=512, num_encoder_layers=1, num_decoder_layers=4,
-    embed_dim=256, mlp_dim=1024, num_heads=4,
-  ),
   "350m": dict(text_length=128),
 }  # fmt: skip
+CONFIGS["matched_mha"] = {**CONFIGS["matched"], "num_kv_heads": None}
 
 
 def measure(name: str, grid: tuple[int, int], batch: int) -> float:
