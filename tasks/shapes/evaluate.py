@@ -38,9 +38,9 @@ _MIN_AREA_FRACTION = 0.25
 # and above 1 minus it as full color, linearly between. Rendered images need no floor,
 # but a decoded one does: a tokenizer's faint halo around a small object (8 of 255
 # levels) made the sub-pixel extent one pixel wider on each side, and a small square
-# measured that way is nearer the circle drawn at the wider size. At 48 px, 10% of
+# measured that way is nearer the circle drawn at the wider size. At 48 px, 10-15% of
 # rendered ground-truth scenes with such a halo were misread without the floor and none
-# with it. An anti-aliased edge pixel below the floor moves the extent by at most a
+# with it (bench/README.md). An anti-aliased edge pixel below the floor moves the extent by at most a
 # quarter pixel, and 0.5 stays 0.5, so areas (coverage > 0.5) are unchanged.
 _COVERAGE_NOISE_FLOOR = 0.25
 # Centers must differ by this fraction of the image side for "left of" / "above".
