@@ -82,10 +82,13 @@ _EXTRAS_REQUIRE = {
   # scipy: the tests check parti.evaluation.fid against its matrix square root. selenium
   # drives Debian's chromium in the rating app's browser test (make test installs it).
   # pytest-xdist: make test runs the suite on every core (its tests compile, mostly on one
-  # thread each).
+  # thread each). pytest below 9.2: 9.2's structured node ids drop the group xdist 3.8 writes
+  # into them, so --dist loadgroup stops grouping without a word (pytest-xdist#1386), every
+  # test becomes its own unit and both workers train the shared fixtures, some several times
+  # (a third more suite time). tests/conftest.py refuses to run ungrouped.
   "dev": [
     "flask>=3.1.3",
-    "pytest>=9.2.0",
+    "pytest>=9.1.1,<9.2",
     "pytest-xdist>=3.8.0",
     "ruff>=0.17.6",
     "scipy>=1.17.1",
