@@ -82,11 +82,8 @@ _EXTRAS_REQUIRE = {
   # scipy: the tests check parti.evaluation.fid against its matrix square root. selenium
   # drives Debian's chromium in the rating app's browser test (make test installs it).
   # pytest-xdist: make test runs the suite on every core (its tests compile, mostly on one
-  # thread each). pytest below 9.2: 9.2's structured node ids drop the group xdist 3.8 writes
-  # into them, so --dist loadgroup stops grouping without a word (pytest-xdist#1386), every
-  # test becomes its own unit and both workers train the shared fixtures, some several times
-  # (1046 s against 612 s for the suite, measured back to back). tests/conftest.py refuses to
-  # run ungrouped.
+  # thread each). pytest below 9.2: under 9.2 --dist loadgroup stops grouping
+  # (pytest-xdist#1386; why it matters is in tests/conftest.py, which refuses such a run).
   "dev": [
     "flask>=3.1.3",
     "pytest>=9.1.1,<9.2",
