@@ -99,7 +99,8 @@ def test_product_codes_sit_side_by_side_on_the_token_grid():
   encoded = vqgan.apply({"params": params}, images, method=model.VitVQGAN.encode)
   np.testing.assert_array_equal(encoded, ids)
   decoded = vqgan.apply({"params": params}, encoded, method=model.VitVQGAN.decode)
-  np.testing.assert_allclose(decoded, model.to_image(raw, config), atol=1e-6)
+  # Two programs computing the same pixels round differently (1.1e-6 seen).
+  np.testing.assert_allclose(decoded, model.to_image(raw, config), atol=1e-5)
   # Changing the top-left patch can change its two tokens and no others.
   changed = images.at[:, :8, :8].set(1.0 - images[:, :8, :8])
   ids2 = np.asarray(vqgan.apply({"params": params}, changed, method=model.VitVQGAN.encode))
