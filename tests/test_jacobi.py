@@ -70,11 +70,11 @@ def test_greedy_jacobi_decoding_with_multi_query_attention_gives_greedy_tokens()
 def test_greedy_jacobi_decoding_continues_a_prefix(params_and_text):
   params, text = params_and_text
   prefix = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 5)), jnp.int32)
-  standard, _ = decoding.sample(
-    CONFIG, params, text, jax.random.key(0), temperature=0.0, prefix=prefix
+  standard, _ = jax.jit(functools.partial(decoding.sample, CONFIG, temperature=0.0))(
+    params, text, jax.random.key(0), prefix=prefix
   )
-  tokens, _, calls = jacobi.sample(
-    CONFIG, params, text, jax.random.key(0), window=4, temperature=0.0, prefix=prefix
+  tokens, _, calls = jax.jit(functools.partial(jacobi.sample, CONFIG, window=4, temperature=0.0))(
+    params, text, jax.random.key(0), prefix=prefix
   )
   np.testing.assert_array_equal(tokens, standard)
   np.testing.assert_array_equal(tokens[:, :5], prefix)
@@ -104,6 +104,7 @@ def _exact_distribution(params, text) -> np.ndarray:
   decoder_input = jnp.concatenate([jnp.full((64, 1), SMALL.bos_id), images[:, :-1]], 1)
   model = Parti(SMALL)
 
+  @functools.partial(jax.jit, static_argnums=0)
   def logits(null):
     repeated = jnp.repeat(text, 64, axis=0)
     encoded, mask = model.apply(
@@ -185,11 +186,11 @@ def test_the_inference_generator_decodes_with_jacobi_on_eight_devices():
     lambda: model.init_params(config, jax.random.key(0)), mesh, rules
   )
   params = jax.tree_util.tree_map(lambda x: 3.0 * x, params)  # Peaky: varied greedy tokens.
-  tok_params = nn.meta.unbox(
-    tokenizer_model.VitVQGAN(tok_config).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))[
-      "params"
-    ]
-  )
+  tok_params = jax.jit(
+    lambda: nn.meta.unbox(
+      tokenizer_model.VitVQGAN(tok_config).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    )["params"]
+  )()
   prompts = [(i, Prompt(f"{n} red circles")) for i, n in enumerate(["two", "three"] * 4)]
   images = {}
   for window in (0, 4):

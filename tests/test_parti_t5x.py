@@ -56,7 +56,7 @@ def test_loss_and_scores_agree_with_the_trainer(model_and_params):
   scores = jax.jit(model.score_batch)(params, batch)
   assert scores.shape == (4,)
   np.testing.assert_allclose(-jnp.sum(scores), sums["nll"], rtol=1e-5)
-  grads = jax.grad(lambda p: model.loss_fn(p, batch, jax.random.key(1))[0])(params)
+  grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, batch, jax.random.key(1))[0]))(params)
   assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
 
 
