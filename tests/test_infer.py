@@ -604,7 +604,9 @@ def _save_upsampler(model_dir, config, step: int = 5):
   from parti.upsampling import checkpoint_io, model
 
   images = np.zeros((1, config.input_size, config.input_size, 3), np.float32)
-  params = nn.meta.unbox(model.WDSR(config).init(jax.random.key(0), images)["params"])
+  params = jax.jit(
+    lambda: nn.meta.unbox(model.WDSR(config).init(jax.random.key(0), images))["params"]
+  )()
   # Nonzero output convolutions, so the upsampled images are not plain bicubic.
   params = jax.tree_util.tree_map(lambda x: x + 0.01, params)
   model_dir.mkdir(parents=True, exist_ok=True)

@@ -23,21 +23,22 @@ def _images(batch=4, size=32, seed=0):
 def tiny():
   config = tiny_tokenizer_config()
   vqgan = model.VitVQGAN(config)
-  params = nn.meta.unbox(vqgan.init(jax.random.key(0), _images())["params"])
+  params = jax.jit(lambda: nn.meta.unbox(vqgan.init(jax.random.key(0), _images())["params"]))()
   return config, vqgan, params
 
 
 def test_shapes_and_dtypes(tiny):
   _config, vqgan, params = tiny
-  raw, ids, vq = vqgan.apply({"params": params}, _images())
+  apply = jax.jit(vqgan.apply, static_argnames="method")  # Eager linen compiles op by op.
+  raw, ids, vq = apply({"params": params}, _images())
   assert raw.shape == (4, 32, 32, 3)
   assert raw.dtype == jnp.float32
   assert ids.shape == (4, 4, 4)
   assert ids.dtype == jnp.int32
   assert set(vq) == {"codebook", "commitment"}
-  encoded = vqgan.apply({"params": params}, _images(), method=model.VitVQGAN.encode)
+  encoded = apply({"params": params}, _images(), method=model.VitVQGAN.encode)
   np.testing.assert_array_equal(encoded, ids)
-  decoded = vqgan.apply({"params": params}, encoded, method=model.VitVQGAN.decode)
+  decoded = apply({"params": params}, encoded, method=model.VitVQGAN.decode)
   assert decoded.shape == (4, 32, 32, 3)
   assert float(decoded.min()) >= 0.0
   assert float(decoded.max()) <= 1.0
@@ -184,7 +185,7 @@ def test_vq_losses_train_the_right_side():
 def test_sharded_forward_equals_unsharded(tiny, mesh_4x2):
   _config, vqgan, params = tiny
   images = _images(8)
-  expected = vqgan.apply({"params": params}, images)[0]
+  expected = jax.jit(lambda p, x: vqgan.apply({"params": p}, x)[0])(params, images)
   rules = partitioning.RULE_SETS["model_parallel"]
 
   def init():
@@ -236,8 +237,8 @@ def test_logit_laplace_head_and_loss():
 def test_discriminator_losses_and_r1():
   disc = discriminator.Discriminator(base_channels=8)
   images = _images(4)
-  variables = disc.init(jax.random.key(0), images)
-  logits = disc.apply(variables, images)
+  variables = jax.jit(disc.init)(jax.random.key(0), images)
+  logits = jax.jit(disc.apply)(variables, images)
   assert logits.shape == (4,)
   for kind in ("non_saturating", "hinge"):
     good = losses.discriminator_loss(jnp.full(4, 5.0), jnp.full(4, -5.0), kind)
@@ -246,7 +247,9 @@ def test_discriminator_losses_and_r1():
     assert float(losses.generator_adversarial(jnp.full(4, 5.0), kind)) < float(
       losses.generator_adversarial(jnp.full(4, -5.0), kind)
     )
-  penalty = losses.r1_penalty(lambda x: disc.apply(variables, x), images)
+  penalty = jax.jit(lambda v, x: losses.r1_penalty(lambda y: disc.apply(v, y), x))(
+    variables, images
+  )
   assert float(penalty) > 0.0
 
 
