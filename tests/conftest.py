@@ -74,6 +74,9 @@ def pytest_configure(config):
       f"conftest could not fake {NUM_DEVICES} CPU devices (got {len(devices)}): "
       "something started the JAX backend before conftest ran."
     )
+  # xdist declares the mark it reads; without xdist (`-p no:xdist`) --strict-markers would
+  # refuse the marks pytest_collection_modifyitems adds.
+  config.addinivalue_line("markers", "xdist_group(name): the tests xdist runs on one worker")
 
 
 # Session fixtures are made once per xdist worker. The files that use this one (a
