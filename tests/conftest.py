@@ -26,7 +26,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # tolerances say so). XLA aborts the process on a flag it does not know, so a jaxlib
 # without this one is asked first, once: the answer travels to the xdist workers and
 # subprocesses in the environment.
-_FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_OPT_LEVEL_0 = "--xla_backend_optimization_level=0"
+_FAST_COMPILE_FLAGS = f"{_OPT_LEVEL_0} --xla_cpu_use_fusion_emitters=false"
 
 
 def _xla_accepts(flags: str) -> bool:
@@ -36,11 +37,8 @@ def _xla_accepts(flags: str) -> bool:
 
 
 if "PARTI_TEST_XLA_FLAGS" not in os.environ:
-  os.environ["PARTI_TEST_XLA_FLAGS"] = (
-    _FAST_COMPILE_FLAGS
-    if _xla_accepts(_FAST_COMPILE_FLAGS)
-    else "--xla_backend_optimization_level=0"
-  )
+  accepted = _xla_accepts(_FAST_COMPILE_FLAGS)
+  os.environ["PARTI_TEST_XLA_FLAGS"] = _FAST_COMPILE_FLAGS if accepted else _OPT_LEVEL_0
 if os.environ["PARTI_TEST_XLA_FLAGS"] not in os.environ.get("XLA_FLAGS", ""):  # Workers inherit.
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " " + os.environ["PARTI_TEST_XLA_FLAGS"]
