@@ -191,6 +191,12 @@ def forward(config: PartiConfig, params, text, image_tokens):
   return _jitted_forward(config)(params, text, image_tokens)
 
 
+def module_params(module: nn.Module, *inputs, seed: int = 0):
+  """Any linen module's unboxed parameters, initialized as one jitted program (eager
+  linen would compile op by op)."""
+  return jax.jit(lambda *x: nn.meta.unbox(module.init(jax.random.key(seed), *x))["params"])(*inputs)
+
+
 @functools.cache
 def init_params(config: PartiConfig):
   batch = example_batch(config, 1)

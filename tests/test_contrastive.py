@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_reranker_config, train_tiny_reranker
+from helpers import module_params, tiny_reranker_config, train_tiny_reranker
 
 from parti.modeling import contrastive
 from parti.modeling.contrastive import ContrastiveConfig, DualEncoder
@@ -21,14 +21,8 @@ TINY = tiny_reranker_config()
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  from flax import linen as nn
-
   model = DualEncoder(TINY)
-  params = jax.jit(
-    lambda: nn.meta.unbox(
-      model.init(jax.random.key(0), jnp.ones((1, 16), jnp.int32), jnp.zeros((1, 32, 32, 3)))
-    )["params"]
-  )()
+  params = module_params(model, jnp.ones((1, 16), jnp.int32), jnp.zeros((1, 32, 32, 3)))
   return model, params
 
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
   as_gin,
   decompression_bomb_png,
+  module_params,
   read_geneval_folder,
   run_on_two_hosts,
   tiny_run_config,
@@ -599,14 +600,10 @@ def test_a_run_that_failed_before_its_first_image_leaves_the_folder_usable(
 
 def _save_upsampler(model_dir, config, step: int = 5):
   """An upsampler run folder (config and one checkpoint of random parameters)."""
-  from flax import linen as nn
-
   from parti.upsampling import checkpoint_io, model
 
   images = np.zeros((1, config.input_size, config.input_size, 3), np.float32)
-  params = jax.jit(
-    lambda: nn.meta.unbox(model.WDSR(config).init(jax.random.key(0), images))["params"]
-  )()
+  params = module_params(model.WDSR(config), images)
   # Nonzero output convolutions, so the upsampled images are not plain bicubic.
   params = jax.tree_util.tree_map(lambda x: x + 0.01, params)
   model_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import example_batch, init_params, tiny_config
+from helpers import example_batch, init_params, module_params, tiny_config
 from scipy import stats
 
 from parti.modeling.model import Parti
@@ -186,11 +186,9 @@ def test_the_inference_generator_decodes_with_jacobi_on_eight_devices():
     lambda: model.init_params(config, jax.random.key(0)), mesh, rules
   )
   params = jax.tree_util.tree_map(lambda x: 3.0 * x, params)  # Peaky: varied greedy tokens.
-  tok_params = jax.jit(
-    lambda: nn.meta.unbox(
-      tokenizer_model.VitVQGAN(tok_config).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
-    )["params"]
-  )()
+  tok_params = module_params(
+    tokenizer_model.VitVQGAN(tok_config), jnp.zeros((1, 32, 32, 3)), seed=1
+  )
   prompts = [(i, Prompt(f"{n} red circles")) for i, n in enumerate(["two", "three"] * 4)]
   images = {}
   for window in (0, 4):

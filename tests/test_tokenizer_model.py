@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import tiny_tokenizer_config
+from helpers import module_params, tiny_tokenizer_config
 
 from parti import partitioning
 from parti.runtime.errors import ConfigError
@@ -23,7 +23,7 @@ def _images(batch=4, size=32, seed=0):
 def tiny():
   config = tiny_tokenizer_config()
   vqgan = model.VitVQGAN(config)
-  params = jax.jit(lambda: nn.meta.unbox(vqgan.init(jax.random.key(0), _images())["params"]))()
+  params = module_params(vqgan, _images())
   return config, vqgan, params
 
 
