@@ -341,6 +341,12 @@ def prefix_tokens(
         "is 0: set it to the rows of each image to keep."
       )
     return None
+  if tok_config.group_layout == "stacked" and tok_config.codebook_groups > 1:
+    raise ConfigError(
+      "SamplingOptions.prefix_rows keeps an image's top token rows, but this tokenizer "
+      "stacks its product codes group by group (group_layout 'stacked'), so its top rows are "
+      "one group's codes of the whole image: set prefix_rows to 0, or edit the image instead."
+    )
   rows = tok_config.grid[0]
   if options.prefix_rows >= rows:
     raise ConfigError(f"prefix_rows {options.prefix_rows} leaves nothing of a {rows}-row grid.")

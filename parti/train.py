@@ -162,7 +162,9 @@ def train(
   schedule = loop.Schedule(num_steps, log_every, eval_every, checkpoint_every)
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
   _check_microbatches(batch_size, microbatches, device_mesh)
-  raw_images = _check_task(mixture_or_task_name, model, task_feature_lengths, pre_encoded_dir)
+  raw_images = _check_task(
+    mixture_or_task_name, model, task_feature_lengths, pre_encoded_dir, edit_masks is not None
+  )
   converter, image_encoder, tokenizer_params = _image_input(
     raw_images, mixture_or_task_name, model, task_feature_lengths, tokenizer_dir
   )
@@ -246,16 +248,20 @@ def _check_microbatches(batch_size: int, microbatches: int, mesh) -> None:
     )
 
 
-def _check_task(name: str, model: PartiConfig, lengths: dict[str, int], pre_encoded_dir) -> bool:
+def _check_task(
+  name: str, model: PartiConfig, lengths: dict[str, int], pre_encoded_dir, editing: bool
+) -> bool:
   """Registers a pre-encoded task, checks its features and lengths against the model;
   returns whether it yields raw images (else image token ids)."""
   from parti.tasks import registry, token_records
-  from parti.tokenizer.checkpoint_io import check_tokens_per_patch
+  from parti.tokenizer.checkpoint_io import check_token_layout
 
   if pre_encoded_dir:
     registry.register_pre_encoded_task(name, pre_encoded_dir)
-    groups = token_records.read_provenance(pre_encoded_dir).codebook_groups
-    check_tokens_per_patch(model, groups, pre_encoded_dir)
+    provenance = token_records.read_provenance(pre_encoded_dir)
+    check_token_layout(
+      model, provenance.codebook_groups, pre_encoded_dir, provenance.group_layout, editing
+    )
   raw_images = _yields_raw_images(name)
   expected = {"inputs", "image"} if raw_images else {"inputs", "targets"}
   if set(lengths) != expected:

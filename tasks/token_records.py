@@ -36,8 +36,10 @@ class Provenance:
     grid: (height, width) of each image's token grid.
     image_size: side of the images that were encoded.
     source: the dataset that was encoded.
-    codebook_groups: tokens per patch, side by side on the grid (the tokenizer's
-      `codebook_groups`; 1 in folders written before it existed).
+    codebook_groups: tokens per patch (the tokenizer's `codebook_groups`; 1 in folders
+      written before it existed).
+    group_layout: where a patch's tokens sit on the grid (the tokenizer's
+      `group_layout`; "interleaved", side by side, in folders written before it existed).
   """
 
   tokenizer_checkpoint: str
@@ -46,6 +48,7 @@ class Provenance:
   image_size: int
   source: str
   codebook_groups: int = 1
+  group_layout: str = "interleaved"
 
   @property
   def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ from helpers import (
   read_geneval_folder,
   run_on_two_hosts,
   tiny_run_config,
+  tiny_tokenizer_config,
 )
 from PIL import Image
 
@@ -734,3 +735,13 @@ def test_a_geneval_metadata_file_comes_out_in_geneval_folders_that_score(
     image_dir=str(out / infer.GENEVAL_DIR), output_dir=str(tmp_path / "scores")
   )
   assert summary["images"] == 6 and set(summary["tasks"]) <= set(geneval.TAGS)
+
+
+def test_completion_refuses_a_tokenizer_that_stacks_its_groups():
+  # A stacked layout's top token rows are one group's codes of the whole image, not the
+  # image's top rows: completing them would keep the wrong thing.
+  stacked = tiny_tokenizer_config(codebook_groups=2, group_layout="stacked")
+  todo = [(0, Prompt("a red circle", image="given.png"))]
+  options = dataclasses.replace(OPTIONS, prefix_rows=1)
+  with pytest.raises(ConfigError, match="stacks its product codes group by group"):
+    infer.prefix_tokens(todo, options, stacked, None, None)

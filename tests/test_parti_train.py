@@ -429,9 +429,21 @@ def test_fine_tuning_for_editing_adds_the_head_and_trains_on_redrawn_tokens(
 def test_tokens_per_patch_must_be_one_or_the_tokenizers_groups(groups, tokens_per_patch, ok):
   config = tiny_run_config(image_grid=(2, 4), tokens_per_patch=tokens_per_patch)
   if ok:
-    checkpoint_io.check_tokens_per_patch(config, groups, "runs/tokens")
+    checkpoint_io.check_token_layout(config, groups, "runs/tokens")
   else:
     with pytest.raises(
       ConfigError, match=f"runs/tokens has {groups} token.*tokens_per_patch is {tokens_per_patch}"
     ):
-      checkpoint_io.check_tokens_per_patch(config, groups, "runs/tokens")
+      checkpoint_io.check_token_layout(config, groups, "runs/tokens")
+
+
+def test_stacked_groups_are_drawn_in_turn_and_not_fine_tuned_for_editing():
+  # Each group's grid in turn: a patch's tokens are image_length / 2 apart, so neither
+  # drawing them apart (tokens_per_patch 2) nor the token grid's edit rectangles fit.
+  in_turn, apart = (tiny_run_config(image_grid=(4, 2), tokens_per_patch=n) for n in (1, 2))
+  checkpoint_io.check_token_layout(in_turn, 2, "runs/tokens", "stacked")
+  with pytest.raises(ConfigError, match=r"'stacked'.*set tokens_per_patch to 1"):
+    checkpoint_io.check_token_layout(apart, 2, "runs/tokens", "stacked")
+  with pytest.raises(ConfigError, match=r"'stacked'.*edit_masks"):
+    checkpoint_io.check_token_layout(in_turn, 2, "runs/tokens", "stacked", editing=True)
+  checkpoint_io.check_token_layout(apart, 2, "runs/tokens", "interleaved", editing=True)

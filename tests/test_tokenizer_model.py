@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +118,38 @@ def test_product_codes_sit_side_by_side_on_the_token_grid():
   redecoded = np.asarray(vqgan.apply({"params": params}, swapped, method=model.VitVQGAN.decode))
   np.testing.assert_allclose(redecoded[:, :24], np.asarray(decoded)[:, :24], atol=1e-6)
   assert np.abs(redecoded[:, 24:, 24:] - np.asarray(decoded)[:, 24:, 24:]).max() > 1e-4
+
+
+def test_stacked_product_codes_write_each_group_as_a_whole_grid(tmp_path):
+  # The same parameters and images as side by side, with each group's 4x4 grid in turn
+  # (group 1 first): the same codes, moved, and the same pixels decoded.
+  side = tiny_tokenizer_config(encoder="patch", decoder="patch", codebook_groups=2)
+  stacked = dataclasses.replace(side, group_layout="stacked", group_order=(1, 0))
+  assert stacked.patch_grid == (4, 4) and stacked.grid == (8, 4)
+  images = _images()
+  params = module_params(model.VitVQGAN(side), images, seed=1)
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def apply(config, method, x):
+    return model.VitVQGAN(config).apply({"params": params}, x, method=method)
+
+  by_patch = np.asarray(apply(side, "encode", images))
+  by_group = np.asarray(apply(stacked, "encode", images))
+  assert by_group.shape == (4, 8, 4)
+  np.testing.assert_array_equal(by_group[:, :4], by_patch[..., 1::2])  # Group 1's grid first,
+  np.testing.assert_array_equal(by_group[:, 4:], by_patch[..., 0::2])  # then group 0's.
+  np.testing.assert_array_equal(stacked.from_grid(by_group), side.from_grid(by_patch))
+  np.testing.assert_allclose(
+    apply(stacked, "decode", by_group), apply(side, "decode", by_patch), atol=1e-6
+  )
+  # Redrawing the top-right patch redraws its token in each group's grid.
+  patches = np.zeros((4, 4), bool)
+  patches[0, 3] = True
+  assert np.flatnonzero(stacked.token_mask(patches)).tolist() == [3, 19]
+  assert np.flatnonzero(side.token_mask(patches)).tolist() == [6, 7]
+  # The layout is saved with the config, so a trained tokenizer decodes as it encoded.
+  stacked.save(tmp_path / "tokenizer_config.json")
+  assert TokenizerConfig.load(tmp_path / "tokenizer_config.json") == stacked
 
 
 def test_patchify_round_trip():
@@ -267,6 +302,9 @@ def test_codebook_stats():
     (dict(dtype="float16"), "float32 or bfloat16"),
     (dict(codebook_size=10, codebook_groups=3), "does not split into codebook_groups 3"),
     (dict(codebook_groups=0), "codebook_groups must be positive"),
+    (dict(group_layout="diagonal"), "group_layout 'diagonal' is not one of"),
+    (dict(codebook_size=512, codebook_groups=2, group_order=(0, 0)), "is not an order of"),
+    (dict(group_order=(1,)), "is not an order of"),
   ],
 )
 def test_bad_configs(fields, message):

@@ -82,17 +82,27 @@ def load_for_model(tokenizer_dir: str | pathlib.Path, model_config, step: int | 
       f"The tokenizer in {tokenizer_dir} makes a {config.grid} grid; the model writes "
       f"{model_config.image_grid}."
     )
-  check_tokens_per_patch(model_config, config.codebook_groups, tokenizer_dir)
+  check_token_layout(model_config, config.codebook_groups, tokenizer_dir, config.group_layout)
   return config, params, step
 
 
-def check_tokens_per_patch(model_config, codebook_groups: int, source) -> None:
-  """A model may draw a patch's sub-codes one after another (tokens_per_patch 1) or
-  each independently (tokens_per_patch = the tokenizer's codebook_groups); any other
-  count would restrict positions to the wrong groups' codes.
+def check_token_layout(
+  model_config,
+  codebook_groups: int,
+  source,
+  group_layout: str = "interleaved",
+  editing: bool = False,
+) -> None:
+  """Whether a model can write codes laid out so (`TokenizerConfig.group_layout`).
+
+  A model may draw a patch's sub-codes one after another (tokens_per_patch 1) or, when
+  they sit side by side, each independently (tokens_per_patch = codebook_groups); any
+  other count would restrict positions to the wrong groups' codes. Stacked groups are
+  drawn one after another only, and editing's random masks, rectangles of the token
+  grid, are image regions only when a patch's tokens sit side by side.
 
   Raises:
-    ConfigError: naming both counts and `source` (the tokenizer or token folder).
+    ConfigError: naming `source` (the tokenizer or token folder) and what to change.
   """
   from parti.runtime.errors import ConfigError
 
@@ -101,3 +111,14 @@ def check_tokens_per_patch(model_config, codebook_groups: int, source) -> None:
       f"{source} has {codebook_groups} token(s) per patch (codebook_groups), but the model's "
       f"tokens_per_patch is {model_config.tokens_per_patch}: set it to 1 or {codebook_groups}."
     )
+  if codebook_groups > 1 and group_layout == "stacked":
+    stacked = f"{source} writes each of its {codebook_groups} groups' grids in turn (group_layout 'stacked')"
+    if model_config.tokens_per_patch != 1:
+      raise ConfigError(
+        f"{stacked}, so a patch's tokens are not side by side: set tokens_per_patch to 1."
+      )
+    if editing:
+      raise ConfigError(
+        f"{stacked}: edit_masks' rectangles of the token grid would not be image regions. "
+        "Fine-tune for editing on a tokenizer whose groups sit side by side."
+      )

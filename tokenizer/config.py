@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from parti.runtime.config_files import JsonConfig
 from parti.runtime.errors import ConfigError
 from parti.runtime.validation import check_types
@@ -35,6 +37,9 @@ VIT_SIZES: dict[str, ViTSize] = {
 }
 
 
+GROUP_LAYOUTS = ("interleaved", "stacked")
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig(JsonConfig):
   """A ViT-VQGAN.
@@ -51,6 +56,14 @@ class TokenizerConfig(JsonConfig):
       and the patch's tokens sit side by side on the token grid. With one group a patch
       is one code, as in ViT-VQGAN; with several, a patch's combination of sub-codes
       need not have been seen in training for Parti to write it.
+    group_layout: where a patch's sub-codes sit on the token grid, with several groups.
+      "interleaved": side by side, so the grid is read patch by patch, group by group
+      ([h, w * groups]). "stacked": each group's whole [h, w] grid in turn ([groups * h,
+      w]), so an autoregressive model draws every patch's first group before any
+      patch's second: the layout the first group decides is whole before the second
+      group's codes are drawn against it.
+    group_order: the groups in the order they are written (a permutation of
+      range(codebook_groups)); empty: 0, 1, ... .
     l2_normalize: l2-normalize codes and encoder outputs (cosine-similarity lookup).
     commitment_cost: beta, the weight of the commitment loss.
     logit_laplace: the decoder also predicts a scale, for the logit-Laplace loss.
@@ -64,6 +77,8 @@ class TokenizerConfig(JsonConfig):
   codebook_size: int = 8192
   code_dim: int = 32
   codebook_groups: int = 1
+  group_layout: str = "interleaved"
+  group_order: tuple[int, ...] = ()
   l2_normalize: bool = True
   commitment_cost: float = 0.25
   logit_laplace: bool = False
@@ -88,6 +103,17 @@ class TokenizerConfig(JsonConfig):
         f"TokenizerConfig.codebook_size {self.codebook_size} does not split into "
         f"codebook_groups {self.codebook_groups} equal codebooks."
       )
+    if isinstance(self.group_order, list):  # From JSON.
+      object.__setattr__(self, "group_order", tuple(self.group_order))
+    if self.group_layout not in GROUP_LAYOUTS:
+      raise ConfigError(
+        f"TokenizerConfig.group_layout {self.group_layout!r} is not one of {GROUP_LAYOUTS}."
+      )
+    if self.group_order and sorted(self.group_order) != list(range(self.codebook_groups)):
+      raise ConfigError(
+        f"TokenizerConfig.group_order {self.group_order} is not an order of the "
+        f"{self.codebook_groups} groups 0 .. {self.codebook_groups - 1}."
+      )
     if self.dtype not in ("float32", "bfloat16"):
       raise ConfigError(f"TokenizerConfig.dtype must be float32 or bfloat16, not {self.dtype!r}.")
 
@@ -99,9 +125,40 @@ class TokenizerConfig(JsonConfig):
 
   @property
   def grid(self) -> tuple[int, int]:
-    """The token grid: a row of patches holds codebook_groups tokens per patch."""
+    """The token grid (see `group_layout`)."""
     rows, cols = self.patch_grid
+    if self.group_layout == "stacked":
+      return (rows * self.codebook_groups, cols)
     return (rows, cols * self.codebook_groups)
+
+  @property
+  def groups_in_order(self) -> tuple[int, ...]:
+    """The groups in the order the grid writes them."""
+    return self.group_order or tuple(range(self.codebook_groups))
+
+  def to_grid(self, ids):
+    """Code ids [B, patches, groups] (group g's codes in column g) -> [B, *grid]."""
+    ids = ids[..., list(self.groups_in_order)]
+    if self.group_layout == "stacked":
+      ids = ids.swapaxes(1, 2)
+    return ids.reshape(ids.shape[0], *self.grid)
+
+  def from_grid(self, ids):
+    """The inverse of `to_grid`: [B, *grid] -> [B, patches, groups]."""
+    groups = self.codebook_groups
+    if self.group_layout == "stacked":
+      ids = ids.reshape(ids.shape[0], groups, -1).swapaxes(1, 2)
+    else:
+      ids = ids.reshape(ids.shape[0], -1, groups)
+    inverse = [self.groups_in_order.index(g) for g in range(groups)]
+    return ids[..., inverse]
+
+  def token_mask(self, patches):
+    """A bool mask over the patch grid [h, w] -> the same over the token grid,
+    flattened: the tokens of every sub-code of the masked patches."""
+    patches = np.asarray(patches, bool).reshape(-1)
+    per_group = np.repeat(patches[:, None], self.codebook_groups, axis=1)
+    return self.to_grid(per_group[None])[0].reshape(-1)
 
   @property
   def encoder_size(self) -> ViTSize:

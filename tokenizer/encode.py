@@ -79,6 +79,7 @@ def encode(
     image_size=tokenizer.config.image_size,
     source=task,
     codebook_groups=tokenizer.config.codebook_groups,
+    group_layout=tokenizer.config.group_layout,
   )
   _check_or_write_provenance(output, provenance)
   source = seqio.get_mixture_or_task(task).source

@@ -165,8 +165,8 @@ class Decoder(nn.Module):
 class VitVQGAN(nn.Module):
   """The whole tokenizer; `__call__` reconstructs, `encode`/`decode` convert.
 
-  Ids are laid out on the config's token grid [h, w * groups]: a patch's sub-codes
-  sit side by side, so an image is read patch by patch, group by group.
+  Ids are laid out on the config's token grid (`TokenizerConfig.grid`): with one
+  group, a code per patch; with several, as `group_layout` says.
   """
 
   config: TokenizerConfig
@@ -182,16 +182,15 @@ class VitVQGAN(nn.Module):
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Returns (raw decoder outputs, ids [B, h, w], VQ losses)."""
     quantized, ids, losses = self.quantizer(self.encoder(images))
-    return self.decoder(quantized), ids.reshape(ids.shape[0], *self.config.grid), losses
+    return self.decoder(quantized), self.config.to_grid(ids), losses
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, h, w * groups]."""
-    ids = self.quantizer.lookup(self.encoder(images))
-    return ids.reshape(ids.shape[0], *self.config.grid)
+    """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, *grid]."""
+    return self.config.to_grid(self.quantizer.lookup(self.encoder(images)))
 
   def decode(self, ids: jax.Array) -> jax.Array:
-    """code ids [B, h, w * groups] -> images [B, H, W, 3], clipped to [0, 1]."""
-    codes = self.quantizer.embed(ids.reshape(ids.shape[0], -1, self.config.codebook_groups))
+    """code ids [B, *grid] -> images [B, H, W, 3], clipped to [0, 1]."""
+    codes = self.quantizer.embed(self.config.from_grid(ids))
     return to_image(self.decoder(codes), self.config)
 
 

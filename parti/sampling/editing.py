@@ -179,7 +179,7 @@ def prepare(prompt, tok_config, encode) -> Edit:
   patch = tok_config.patch_size
   redraw = pixel_mask.reshape(rows, patch, cols, patch).any(axis=(1, 3))
   # A patch's sub-codes (codebook_groups of them) are redrawn together.
-  redraw = np.repeat(redraw, tok_config.codebook_groups, axis=1).reshape(-1)
+  redraw = tok_config.token_mask(redraw)
   if not redraw.any():
     raise ConfigError(f"{where}: the region to redraw is empty at the tokenizer's {side} px.")
   if redraw.all():
