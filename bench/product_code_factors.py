@@ -51,7 +51,7 @@ def conditional_entropy(pairs: list[tuple]) -> float:
   joint, marginal = collections.Counter(pairs), collections.Counter(a for a, _ in pairs)
   n = len(pairs)
   entropy = -sum(c / n * np.log2(c / marginal[a]) for (a, _), c in joint.items())
-  return max(float(entropy), 0.0)  # Not -0.0 where the code says it all.
+  return max(0.0, float(entropy))  # 0.0, not -0.0, where the code says it all.
 
 
 def encode_all(tokenizer: api.ImageTokenizer, images: np.ndarray) -> np.ndarray:
