@@ -112,7 +112,10 @@ def check_token_layout(
       f"tokens_per_patch is {model_config.tokens_per_patch}: set it to 1 or {codebook_groups}."
     )
   if codebook_groups > 1 and group_layout == "stacked":
-    stacked = f"{source} writes each of its {codebook_groups} groups' grids in turn (group_layout 'stacked')"
+    stacked = (
+      f"{source} writes each of its {codebook_groups} groups' grids in turn "
+      "(group_layout 'stacked')"
+    )
     if model_config.tokens_per_patch != 1:
       raise ConfigError(
         f"{stacked}, so a patch's tokens are not side by side: set tokens_per_patch to 1."
