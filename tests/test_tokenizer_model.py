@@ -88,6 +88,65 @@ def test_the_patch_size_codes_every_patch_on_its_own():
   np.testing.assert_allclose(raw2[:, :, 8:], raw[:, :, 8:], atol=1e-6)
 
 
+def test_the_patch_mlp_size_codes_each_patch_alone_and_a_flat_image_with_one_code():
+  # One MLP block per patch, no attention: still nothing reads a position, so a flat image
+  # is one code, and changing one patch changes only its code.
+  config = tiny_tokenizer_config(encoder="patch_mlp", decoder="patch")
+  vqgan = model.VitVQGAN(config)
+  params = module_params(vqgan, _images())
+  assert "block_0" in params["encoder"]["vit"]
+  encode = jax.jit(lambda x: vqgan.apply({"params": params}, x, method=model.VitVQGAN.encode))
+  assert np.unique(np.asarray(encode(jnp.full((1, 32, 32, 3), 0.3)))).size == 1
+  images = _images()
+  changed = images.at[:, :8, :8].set(1.0 - images[:, :8, :8])
+  latents = jax.jit(lambda x: vqgan.apply({"params": params}, x, method=lambda m, x: m.encoder(x)))
+  before, after = np.asarray(latents(images)), np.asarray(latents(changed))
+  np.testing.assert_allclose(after[:, 1:], before[:, 1:], atol=1e-6)
+  assert np.abs(after[:, 0] - before[:, 0]).max() > 1e-3
+
+
+def _palette_tokenizer():
+  config = tiny_tokenizer_config(
+    encoder="patch_mlp", decoder="patch", codebook_size=64, codebook_groups=2,
+    group_layout="stacked", group_order=(1, 0), decoder_head="palette",
+  )  # fmt: skip
+  vqgan = model.VitVQGAN(config)
+  return config, vqgan, module_params(vqgan, _images())
+
+
+def test_the_palette_head_takes_colors_from_group_0_and_their_places_from_group_1():
+  config, vqgan, params = _palette_tokenizer()
+  # Every patch of the grid takes the same pair of codes: (palette p, layout l).
+  per_group = config.codebook_size // 2
+  pairs = [(p, per_group + layout) for p in (0, 5, 17) for layout in (0, 9, 30)]
+  ids = np.stack([np.tile(np.asarray(pair, np.int32), (16, 1)) for pair in pairs])
+  decode = jax.jit(
+    lambda i: vqgan.apply(
+      {"params": params}, i, method=lambda m, i: m.decoder(m.quantizer.embed(i))
+    )
+  )
+  patches = np.asarray(model.patchify(decode(jnp.asarray(ids)), 8))[:, 0]  # [pairs, 64 * 3]
+  patches = patches.reshape(3, 3, 64, 3)  # [palette, layout, pixel, rgb]
+  codebook = np.asarray(params["quantizer"]["codebook"])[[0, 5, 17]]
+  codes = codebook / np.linalg.norm(codebook, axis=-1, keepdims=True)
+  palette = model.Palette(config)
+  colors = jax.jit(lambda c: palette.apply({"params": params["decoder"]["palette"]}, c))(codes)
+  colors = np.asarray(colors)
+  for p in range(3):
+    first, second = colors[p]
+    # Each pixel is a mix of its palette code's two colors, whatever the layout code ...
+    weight = (patches[p] - first) @ (second - first) / np.sum((second - first) ** 2)
+    mixed = first + weight[..., None] * (second - first)
+    np.testing.assert_allclose(patches[p], mixed, atol=1e-4)
+    assert (weight > -1e-4).all() and (weight < 1 + 1e-4).all()
+    if p == 0:
+      weights = weight
+    else:
+      # ... and how much of each is the layout code's alone, whatever the palette code.
+      np.testing.assert_allclose(weight, weights, atol=1e-3)
+  assert np.abs(weights[0] - weights[1]).max() > 1e-3  # Layout codes differ in arrangement.
+
+
 def test_product_codes_sit_side_by_side_on_the_token_grid():
   # Two groups of 32 codes: each 8 px patch takes one code from each, and its two
   # tokens sit next to each other, so the 4x4 patches make a 4x8 token grid.
@@ -305,6 +364,16 @@ def test_codebook_stats():
     (dict(group_layout="diagonal"), "group_layout 'diagonal' is not one of"),
     (dict(codebook_size=512, codebook_groups=2, group_order=(0, 0)), "is not an order of"),
     (dict(group_order=(1,)), "is not an order of"),
+    (dict(decoder_head="mosaic"), "decoder_head 'mosaic' is not one of"),
+    (dict(decoder_head="palette"), "needs codebook_groups = 2, not 1"),
+    (
+      dict(decoder_head="palette", codebook_size=64, codebook_groups=2, logit_laplace=True),
+      "set logit_laplace to False",
+    ),
+    (
+      dict(decoder_head="palette", codebook_size=64, codebook_groups=2, palette_colors=1),
+      "palette_colors must be at least 2",
+    ),
   ],
 )
 def test_bad_configs(fields, message):

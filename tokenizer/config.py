@@ -17,12 +17,17 @@ from parti.runtime.validation import check_types
 
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
-  """Depth and width of one ViT."""
+  """Depth and width of one ViT.
+
+  `attention` False makes each block an MLP alone (pre-norm, residual), so every patch
+  is coded on its own, with no position embeddings: nothing there could read them.
+  """
 
   num_layers: int
   num_heads: int
   dim: int
   mlp_dim: int
+  attention: bool = True
 
 
 VIT_SIZES: dict[str, ViTSize] = {
@@ -30,6 +35,10 @@ VIT_SIZES: dict[str, ViTSize] = {
   # final norm, the tanh head). The CPU demo's tokenizer: at a few CPU minutes on the
   # shapes the blocks cost 10x the step time and converge slower (bench/README.md).
   "patch": ViTSize(num_layers=0, num_heads=4, dim=128, mlp_dim=512),
+  # One MLP block per patch, still no attention: a patch encoder that is not linear in its
+  # pixels. A linear encoder cannot give a red and a green cross one code unless it also
+  # gives them one color, so the palette head's layout codes need this one (bench/README.md).
+  "patch_mlp": ViTSize(num_layers=1, num_heads=4, dim=128, mlp_dim=512, attention=False),
   "tiny": ViTSize(num_layers=2, num_heads=4, dim=128, mlp_dim=512),
   "small": ViTSize(num_layers=8, num_heads=8, dim=512, mlp_dim=2048),
   "base": ViTSize(num_layers=12, num_heads=12, dim=768, mlp_dim=3072),
@@ -38,6 +47,7 @@ VIT_SIZES: dict[str, ViTSize] = {
 
 
 GROUP_LAYOUTS = ("interleaved", "stacked")
+DECODER_HEADS = ("pixels", "palette")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +74,14 @@ class TokenizerConfig(JsonConfig):
       group's codes are drawn against it.
     group_order: the groups in the order they are written (a permutation of
       range(codebook_groups)); empty: 0, 1, ... .
-    l2_normalize: l2-normalize codes and encoder outputs (cosine-similarity lookup).
+    decoder_head: how the decoder turns a patch's codes into pixels. "pixels": ViT-VQGAN's
+      two-layer tanh head reads all of a patch's codes. "palette" (two groups): group 0's
+      code is decoded, on its own, to `palette_colors` colors, and group 1's code, through
+      the decoder ViT and the tanh head, to each pixel's mix of them (a softmax). Color can
+      then come from group 0 only and the arrangement from group 1 only, so any pair of
+      codes draws, also a pair never seen together in training: a held-out color-shape
+      pair is a seen color code with a seen layout code (bench/README.md).
+    palette_colors: colors per patch of the palette head.
     commitment_cost: beta, the weight of the commitment loss.
     logit_laplace: the decoder also predicts a scale, for the logit-Laplace loss.
     dtype: compute dtype of projections and MLPs ("float32" or "bfloat16").
@@ -79,6 +96,8 @@ class TokenizerConfig(JsonConfig):
   codebook_groups: int = 1
   group_layout: str = "interleaved"
   group_order: tuple[int, ...] = ()
+  decoder_head: str = "pixels"
+  palette_colors: int = 2
   l2_normalize: bool = True
   commitment_cost: float = 0.25
   logit_laplace: bool = False
@@ -114,6 +133,25 @@ class TokenizerConfig(JsonConfig):
         f"TokenizerConfig.group_order {self.group_order} is not an order of the "
         f"{self.codebook_groups} groups 0 .. {self.codebook_groups - 1}."
       )
+    if self.decoder_head not in DECODER_HEADS:
+      raise ConfigError(
+        f"TokenizerConfig.decoder_head {self.decoder_head!r} is not one of {DECODER_HEADS}."
+      )
+    if self.decoder_head == "palette":
+      if self.codebook_groups != 2:
+        raise ConfigError(
+          "TokenizerConfig.decoder_head 'palette' decodes group 0 to colors and group 1 to "
+          f"their layout, so it needs codebook_groups = 2, not {self.codebook_groups}."
+        )
+      if self.logit_laplace:
+        raise ConfigError(
+          "TokenizerConfig.decoder_head 'palette' mixes colors, which has no logit-Laplace "
+          "scale: set logit_laplace to False."
+        )
+      if self.palette_colors < 2:
+        raise ConfigError(
+          f"TokenizerConfig.palette_colors must be at least 2, got {self.palette_colors}."
+        )
     if self.dtype not in ("float32", "bfloat16"):
       raise ConfigError(f"TokenizerConfig.dtype must be float32 or bfloat16, not {self.dtype!r}.")
 

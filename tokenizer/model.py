@@ -24,10 +24,10 @@ from parti.tokenizer.config import TokenizerConfig, ViTSize
 class ViT(nn.Module):
   """Position embeddings (fixed 2-D sincos), pre-norm blocks, a final norm.
 
-  Without attention blocks (size `patch`) nothing mixes positions, so the
-  embeddings are left out: added there, they would only make each patch's code
-  depend on where the patch sits, and a flat background would take a different
-  code at every place in the grid.
+  Without attention (size `patch`, no blocks; `patch_mlp`, blocks of an MLP alone)
+  nothing mixes positions, so the embeddings are left out: added there, they would
+  only make each patch's code depend on where the patch sits, and a flat background
+  would take a different code at every place in the grid.
   """
 
   size: ViTSize
@@ -36,13 +36,27 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.size.num_layers:
+    dtype = jnp.dtype(self.dtype)
+    if self.size.num_layers and self.size.attention:
       x = x + layers.sincos_2d(*self.grid, self.size.dim)[None]
     for i in range(self.size.num_layers):
-      x = layers.EncoderBlock(
-        self.size.num_heads, self.size.mlp_dim, jnp.dtype(self.dtype), name=f"block_{i}"
-      )(x)
+      if self.size.attention:
+        x = layers.EncoderBlock(self.size.num_heads, self.size.mlp_dim, dtype, name=f"block_{i}")(x)
+      else:
+        x = MlpBlock(self.size.mlp_dim, dtype, name=f"block_{i}")(x)
     return layers.Norm(name="final_norm")(x)
+
+
+class MlpBlock(nn.Module):
+  """A pre-norm MLP with a residual connection: a ViT block without its attention."""
+
+  mlp_dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(layers.Norm(name="pre_mlp_norm")(x))
+    return nn.with_logical_constraint((x + y).astype(jnp.float32), layers.ACTIVATION_AXES)
 
 
 class FactorizedQuantizer(nn.Module):
@@ -78,14 +92,14 @@ class FactorizedQuantizer(nn.Module):
     (normalized if configured)."""
     return l2_normalize(self.codebook) if self.l2_normalize else self.codebook
 
-  def _split(self, z: jax.Array) -> jax.Array:
+  def split(self, z: jax.Array) -> jax.Array:
     """[..., groups * code_dim] -> [..., groups, code_dim], normalized if configured."""
     z = z.astype(jnp.float32).reshape(*z.shape[:-1], self.groups, self.code_dim)
     return l2_normalize(z) if self.l2_normalize else z
 
   def lookup(self, z: jax.Array) -> jax.Array:
     """The nearest code ids [..., groups] of z [..., groups * code_dim]."""
-    return self._nearest(self._split(z))
+    return self._nearest(self.split(z))
 
   def _nearest(self, z: jax.Array) -> jax.Array:
     """The nearest code ids [..., groups] of sub-vectors z [..., groups, code_dim],
@@ -109,7 +123,7 @@ class FactorizedQuantizer(nn.Module):
     return vectors.reshape(*ids.shape[:-1], self.groups * self.code_dim)
 
   def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    split = self._split(z)
+    split = self.split(z)
     ids = self._nearest(split)
     z = split.reshape(*z.shape[:-1], self.groups * self.code_dim)
     quantized = self.embed(ids)
@@ -148,9 +162,13 @@ class Decoder(nn.Module):
   def __call__(self, codes: jax.Array) -> jax.Array:
     """Code vectors [B, N, groups * code_dim] -> raw outputs [B, H, W, 3] (or 6 with logit-Laplace)."""
     cfg, size = self.config, self.config.decoder_size
+    palette = cfg.decoder_head == "palette"
+    if palette:
+      # Group 0 says the colors, group 1 (what the ViT and the head read) where each goes.
+      codes, palette_code = codes[..., cfg.code_dim :], codes[..., : cfg.code_dim]
     x = layers.dense(size.dim, (None, "embed"), jnp.float32, use_bias=True, name="from_code")(codes)
     x = ViT(size, cfg.patch_grid, cfg.dtype, name="vit")(x)
-    channels = 6 if cfg.logit_laplace else 3
+    channels = cfg.palette_colors if palette else 6 if cfg.logit_laplace else 3
     # The output head: two matrices with tanh between (ViT-VQGAN).
     x = layers.dense(size.mlp_dim, ("embed", "mlp"), cfg.dtype, use_bias=True, name="head_hidden")(
       x
@@ -159,7 +177,37 @@ class Decoder(nn.Module):
     x = layers.dense(
       cfg.patch_size**2 * channels, ("mlp", None), jnp.float32, use_bias=True, name="head_out"
     )(x)
-    return unpatchify(x.astype(jnp.float32), cfg.patch_size, cfg.patch_grid)
+    x = x.astype(jnp.float32)
+    if palette:
+      colors = Palette(cfg, name="palette")(palette_code)
+      x = _mix_palette(x, colors, cfg.palette_colors)
+    return unpatchify(x, cfg.patch_size, cfg.patch_grid)
+
+
+class Palette(nn.Module):
+  """The palette head's colors: palette codes [B, N, code_dim] -> [B, N, palette_colors, 3].
+  A patch's colors are read from its palette code alone (a two-layer tanh MLP)."""
+
+  config: TokenizerConfig
+
+  @nn.compact
+  def __call__(self, code: jax.Array) -> jax.Array:
+    cfg, dim = self.config, self.config.decoder_size.dim
+    x = layers.dense(dim, (None, "embed"), jnp.float32, use_bias=True, name="input")(code)
+    x = layers.Norm(name="norm")(x)
+    x = jnp.tanh(layers.dense(dim, ("embed", "mlp"), cfg.dtype, use_bias=True, name="hidden")(x))
+    colors = layers.dense(
+      cfg.palette_colors * 3, ("mlp", None), jnp.float32, use_bias=True, name="output"
+    )(x)
+    return colors.astype(jnp.float32).reshape(*code.shape[:-1], cfg.palette_colors, 3)
+
+
+def _mix_palette(logits: jax.Array, colors: jax.Array, count: int) -> jax.Array:
+  """Per-pixel softmax weights over a patch's colors: logits [B, N, p*p*count] and colors
+  [B, N, count, 3] -> patches [B, N, p*p*3]."""
+  weights = jax.nn.softmax(logits.reshape(*logits.shape[:-1], -1, count), axis=-1)
+  mixed = jnp.einsum("bnpk,bnkc->bnpc", weights, colors)
+  return mixed.reshape(*mixed.shape[:2], -1)
 
 
 class VitVQGAN(nn.Module):
@@ -183,6 +231,13 @@ class VitVQGAN(nn.Module):
     """Returns (raw decoder outputs, ids [B, h, w], VQ losses)."""
     quantized, ids, losses = self.quantizer(self.encoder(images))
     return self.decoder(quantized), self.config.to_grid(ids), losses
+
+  def latents(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(encoder outputs [B, N, groups, code_dim] as the lookup sees them, code ids
+    [B, N, groups], VQ losses): what training compares an image and its views by."""
+    z = self.encoder(images)
+    _, ids, losses = self.quantizer(z)
+    return self.quantizer.split(z), ids, losses
 
   def encode(self, images: jax.Array) -> jax.Array:
     """images [B, H, W, 3] in [0, 1] -> code ids int32 [B, *grid]."""
