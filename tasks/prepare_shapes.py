@@ -32,24 +32,27 @@ def prepare_shapes(
   num_eval: int | None = None,
   seed: int = 0,
   placement: str | None = None,
+  views: bool | None = None,
 ) -> builder.PartiShapes:
   """Prepares a named config, or a custom one when sizes or counts are given.
 
   Args:
     data_dir: the TFDS data dir.
     config: a named config (32, 64, 128, 256, 64_10k, 48_20k, 48_20k_centered,
-      256_from_64, 192_from_48), or the name of a custom one.
+      48_100k_centered, 48_20k_factored, 48_100k_factored, 256_from_64, 192_from_48), or
+      the name of a custom one.
     image_size: for a custom config, the image side.
     num_train: for a custom config, training examples.
     num_eval: for a custom config, examples in each of validation, test and compositional.
     seed: for a custom config, the dataset seed.
     placement: for a custom config, "jittered" (the default) or "centered" objects.
+    views: for a custom config, also render each scene recolored and reshaped.
 
   Returns:
     The prepared builder.
   """
   named = {c.name: c for c in builder.PartiShapes.BUILDER_CONFIGS}
-  custom = any(v is not None for v in (image_size, num_train, num_eval, placement))
+  custom = any(v is not None for v in (image_size, num_train, num_eval, placement, views))
   if custom:
     if config in named:
       raise ConfigError(
@@ -64,6 +67,7 @@ def prepare_shapes(
       num_compositional=num_eval or 500,
       seed=seed,
       placement=placement or "jittered",
+      views=bool(views),
     )
   elif config in named:
     shapes_config = named[config]

@@ -1,12 +1,15 @@
 """Registers Parti's seqio tasks; import this module (or `import parti.tasks.registry` in gin).
 
-Tasks, for each `parti_shapes` config C (32, 64, 128, 256, 64_10k, 48_20k, 48_20k_centered):
+Tasks, for each `parti_shapes` config C (32, 64, 128, 256, 64_10k, 48_20k, 48_20k_centered,
+48_20k_factored, ...):
 
   parti_shapes_C           caption tokens + raw image (tokenized in the train step)
   parti_shapes_C_images    images only, for tokenizer training
   parti_shapes_C_pairs     `image` and `image_low`, the scene rendered at both sizes
                            (configs with a low resolution, such as 256_from_64: the
                            upsampler's exact pairs)
+  parti_shapes_C_views     `image`, `image_recolored` and `image_reshaped` (configs with
+                           views, such as 48_20k_factored: the palette tokenizer's data)
 
 and `coco_captions_256` / `coco_captions_256_images` over a prepared TFDS
 `coco_captions/2014`. Your own data and pre-encoded folders are registered with
@@ -157,8 +160,9 @@ def _standardize_shapes(example: dict) -> dict:
     "image": example["image"],
     "caption": example["caption"],
   }
-  if "image_low" in example:
-    standard["image_low"] = example["image_low"]
+  for name in ("image_low", *shapes_builder.VIEW_FEATURES.values()):
+    if name in example:
+      standard[name] = example[name]
   return standard
 
 
@@ -181,23 +185,27 @@ def _register_shapes(config: shapes_builder.PartiShapesConfig, data_dir: str | N
       image_only=image_only,
     )
   if config.low_resolution is not None:
-    _register_image_pairs(f"parti_shapes_{config.name}_pairs", source, config)
+    sizes = {"image": config.image_size, "image_low": config.low_resolution}
+    _register_image_set(f"parti_shapes_{config.name}_pairs", source, sizes)
+  if config.views:
+    sizes = {"image": config.image_size}
+    sizes.update({name: config.image_size for name in shapes_builder.VIEW_FEATURES.values()})
+    _register_image_set(f"parti_shapes_{config.name}_views", source, sizes)
 
 
-def _register_image_pairs(name: str, source, config: shapes_builder.PartiShapesConfig) -> None:
-  """`image` [S, S, 3] and `image_low` [s, s, 3], float32 in [0, 1], from the shapes
-  records (whose `image` is left encoded by the source; `image_low` TFDS decodes)."""
-  sizes = {"image": config.image_size, "image_low": config.low_resolution}
+def _register_image_set(name: str, source, sizes: dict[str, int]) -> None:
+  """A task of several images of each scene, float32 [side, side, 3] in [0, 1] by `sizes`
+  (feature name -> side), from the shapes records: `image` is left encoded by the source
+  and decoded here, the others TFDS decodes. `_pairs`: `image` and `image_low`, the scene
+  at two sizes; `_views`: `image` and its recolored and reshaped views."""
 
-  def to_pairs(dataset):
+  def to_images(dataset):
     def convert(example):
-      pair = {
-        "image": tf.io.decode_png(example["image"], channels=3),
-        "image_low": example["image_low"],
-      }
+      images = {key: example[key] for key in sizes}
+      images["image"] = tf.io.decode_png(example["image"], channels=3)
       for key, side in sizes.items():
-        pair[key] = tf.ensure_shape(tf.cast(pair[key], tf.float32) / 255.0, [side, side, 3])
-      return pair
+        images[key] = tf.ensure_shape(tf.cast(images[key], tf.float32) / 255.0, [side, side, 3])
+      return images
 
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -205,8 +213,8 @@ def _register_image_pairs(name: str, source, config: shapes_builder.PartiShapesC
   seqio.TaskRegistry.add(
     name,
     source=source,
-    preprocessors=[to_pairs],
-    output_features={"image": image_feature(), "image_low": image_feature()},
+    preprocessors=[to_images],
+    output_features={key: image_feature() for key in sizes},
   )
 
 

@@ -234,3 +234,40 @@ def test_centered_placement_puts_each_object_at_its_cell_center_with_one_side_pe
 def test_unknown_placement_is_rejected():
   with pytest.raises(ValueError, match="Unknown placement 'scattered'"):
     scenes.make_scene(0, "test", 0, placement="scattered")
+
+
+def test_views_draw_one_factor_again_and_never_a_held_out_pair():
+  held_out = set(spec.DEFAULT_HELD_OUT)
+  rng = np.random.default_rng(0)
+  changed = {"color": 0, "shape": 0, "background": 0}
+  for scene in _scenes("train", 300) + _scenes("compositional", 100):
+    recolored = scenes.view(scene, "color", rng)
+    reshaped = scenes.view(scene, "shape", rng)
+    for viewed in (recolored, reshaped):
+      assert viewed.caption == scene.caption
+      assert len(viewed.objects) == len(scene.objects)
+      for was, now in zip(scene.objects, viewed.objects, strict=True):
+        assert (now.position, now.size, now.center, now.side) == (
+          was.position, was.size, was.center, was.side,
+        )  # fmt: skip
+        assert (now.color, now.shape) not in held_out
+        assert spec.CLASHES.get(now.color) != viewed.background
+    assert reshaped.background == scene.background
+    assert [o.color for o in reshaped.objects] == [o.color for o in scene.objects]
+    assert [o.shape for o in recolored.objects] == [o.shape for o in scene.objects]
+    changed["background"] += recolored.background != scene.background
+    changed["color"] += any(
+      a.color != b.color for a, b in zip(scene.objects, recolored.objects, strict=True)
+    )
+    changed["shape"] += any(
+      a.shape != b.shape for a, b in zip(scene.objects, reshaped.objects, strict=True)
+    )
+  # Each view does draw its factor again (usually to another value).
+  assert min(changed.values()) > 100
+  # The same generator state gives the same view.
+  scene = _scenes("train", 1)[0]
+  assert scenes.view(scene, "shape", np.random.default_rng(3)) == scenes.view(
+    scene, "shape", np.random.default_rng(3)
+  )
+  with pytest.raises(ValueError, match="Unknown view factor 'size'"):
+    scenes.view(scene, "size", rng)

@@ -35,15 +35,23 @@ def test_named_configs():
   names = {c.name: c.image_size for c in builder.PartiShapes.BUILDER_CONFIGS}
   assert names == {
     "32": 32, "64": 64, "128": 128, "256": 256, "64_10k": 64, "48_20k": 48,
-    "48_20k_centered": 48, "48_100k_centered": 48, "256_from_64": 256, "192_from_48": 192,
+    "48_20k_centered": 48, "48_100k_centered": 48, "48_20k_factored": 48,
+    "48_100k_factored": 48, "256_from_64": 256, "192_from_48": 192,
   }  # fmt: skip
   placements = {c.name: c.placement for c in builder.PartiShapes.BUILDER_CONFIGS}
-  assert placements.pop("48_20k_centered") == placements.pop("48_100k_centered") == "centered"
+  demo_configs = ("48_20k_centered", "48_100k_centered", "48_20k_factored", "48_100k_factored")
+  assert {placements.pop(name) for name in demo_configs} == {"centered"}
   assert set(placements.values()) == {"jittered"}
+  views = {c.name for c in builder.PartiShapes.BUILDER_CONFIGS if c.views}
+  assert views == {"48_20k_factored", "48_100k_factored"}
   # The long demo's config is the demo's with more training scenes: since example i of a
   # split depends only on (seed, split, i), the demo's scenes are its first ones.
   configs = {c.name: c for c in builder.PartiShapes.BUILDER_CONFIGS}
-  demo, long = configs["48_20k_centered"], configs["48_100k_centered"]
+  demo, long = configs["48_20k_factored"], configs["48_100k_factored"]
+  for same in ("48_20k_centered", "48_100k_centered"):
+    # The factored configs draw the centered ones' scenes (and their views beside them).
+    assert (configs[same].seed, configs[same].held_out) == (demo.seed, demo.held_out)
+  assert configs["48_20k_centered"].split_sizes == demo.split_sizes
   assert (long.seed, long.held_out) == (demo.seed, demo.held_out)
   assert {s: n for s, n in long.split_sizes.items() if s != "train"} == {
     s: n for s, n in demo.split_sizes.items() if s != "train"
@@ -98,3 +106,34 @@ def test_a_custom_centered_config_is_prepared_with_centered_objects(tmp_path):
       np.testing.assert_allclose(obj.center, ((row + 0.5) / 3, (col + 0.5) / 3), atol=1e-6)
   with pytest.raises(ConfigError, match="needs a new name"):
     prepare_shapes.prepare_shapes(data_dir=str(tmp_path), config="48_20k", placement="centered")
+
+
+def test_a_views_config_renders_each_scene_recolored_and_reshaped(tmp_path):
+  import seqio
+
+  from parti.tasks import registry
+
+  shapes = prepare_shapes.prepare_shapes(
+    data_dir=str(tmp_path), config="tiny_views", image_size=48, num_train=6, num_eval=3,
+    placement="centered", views=True,
+  )  # fmt: skip
+  config = shapes.builder_config
+  for example in tfds.as_numpy(shapes.as_dataset(split="train")):
+    index = int(example["index"])
+    scene = scenes.make_scene(0, "train", index, placement="centered")
+    # The scenes are those of the same config without views.
+    np.testing.assert_array_equal(example["image"], render.render(scene, 48))
+    rng = np.random.default_rng([0, spec.SPLITS.index("train"), index, builder._VIEW_STREAM])
+    for factor, name in builder.VIEW_FEATURES.items():
+      viewed = scenes.view(scene, factor, rng, config.held_out)
+      np.testing.assert_array_equal(example[name], render.render(viewed, 48))
+  seqio.set_tfds_data_dir_override(str(tmp_path))
+  registry._register_shapes(config)
+  batch = next(
+    seqio.get_mixture_or_task("parti_shapes_tiny_views_views")
+    .get_dataset(None, split="train", shuffle=False)
+    .as_numpy_iterator()
+  )
+  assert set(batch) == {"image", "image_recolored", "image_reshaped"}
+  for image in batch.values():
+    assert image.shape == (48, 48, 3) and image.dtype == np.float32 and image.max() <= 1.0

@@ -12,6 +12,11 @@ function of (seed, s, i), so every machine prepares the same bytes.
 A config with `low_resolution` also renders each scene at that side, as
 `image_low`: exact pairs for the upsampler (`256_from_64`: 64 -> 256 px; `192_from_48`: the
 long demo's 48 -> 192 px).
+
+A config with `views` also renders each scene twice more, its colors (the background too)
+drawn again (`image_recolored`) and its shapes drawn again (`image_reshaped`), never as a
+held-out pair (`scenes.view`): what the palette tokenizer trains its groups apart on
+(`48_20k_factored`, the demo's; `48_100k_factored`, the long demo's).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from parti.tasks.shapes import render, scenes, spec
+
+# The feature holding each view, by the factor it draws again (`scenes.VIEW_FACTORS`).
+VIEW_FEATURES = {"color": "image_recolored", "shape": "image_reshaped"}
+_VIEW_STREAM = 1
 
 
 class PartiShapesConfig(tfds.core.BuilderConfig):
@@ -41,6 +50,7 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0,
     low_resolution: int | None = None,
     placement: str = "jittered",
+    views: bool = False,
     **kwargs,
   ):
     kwargs.setdefault("name", str(image_size))
@@ -48,7 +58,7 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
       "description",
       f"{image_size}x{image_size} images; {num_train} train, {num_validation} validation, "
       f"{num_test} test and {num_compositional} compositional examples; seed {seed}; "
-      f"{placement} objects.",
+      f"{placement} objects" + (", with recolored and reshaped views." if views else "."),
     )
     super().__init__(**kwargs)
     for pair in held_out:
@@ -64,6 +74,7 @@ class PartiShapesConfig(tfds.core.BuilderConfig):
     self.image_size = image_size
     self.placement = placement
     self.low_resolution = low_resolution
+    self.views = views
     self.split_sizes = {
       "train": num_train,
       "validation": num_validation,
@@ -99,6 +110,14 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     PartiShapesConfig(name="48_100k_centered", image_size=48, num_train=100_000,
                       num_validation=500, num_test=500, num_compositional=500,
                       placement="centered"),
+    # The demo's and the long demo's since 2026-12-07: the same scenes as the two above,
+    # each also drawn recolored and reshaped, for the palette tokenizer.
+    PartiShapesConfig(name="48_20k_factored", image_size=48, num_train=20_000,
+                      num_validation=500, num_test=500, num_compositional=500,
+                      placement="centered", views=True),
+    PartiShapesConfig(name="48_100k_factored", image_size=48, num_train=100_000,
+                      num_validation=500, num_test=500, num_compositional=500,
+                      placement="centered", views=True),
     # The upsampler's: each scene rendered at 256 px and at 64 px; and the long demo's,
     # at 192 px and at the demo tokenizer's 48 px.
     PartiShapesConfig(name="256_from_64", image_size=256, low_resolution=64, num_train=8_000,
@@ -121,6 +140,9 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
     images = {"image": tfds.features.Image(shape=(size, size, 3))}
     if low is not None:
       images["image_low"] = tfds.features.Image(shape=(low, low, 3))
+    if self.builder_config.views:
+      for name in VIEW_FEATURES.values():
+        images[name] = tfds.features.Image(shape=(size, size, 3))
     return self.dataset_info_from_configs(
       features=tfds.features.FeaturesDict(
         {
@@ -163,5 +185,11 @@ class PartiShapes(tfds.core.GeneratorBasedBuilder):
       example["image"] = render.render(scene, config.image_size)
       if config.low_resolution is not None:
         example["image_low"] = render.render(scene, config.low_resolution)
+      if config.views:
+        # Its own stream, so that the scenes are those of the same config without views.
+        rng = np.random.default_rng([config.seed, spec.SPLITS.index(split), index, _VIEW_STREAM])
+        for factor, name in VIEW_FEATURES.items():
+          viewed = scenes.view(scene, factor, rng, config.held_out)
+          example[name] = render.render(viewed, config.image_size)
       example["index"] = index
       yield index, example

@@ -253,6 +253,49 @@ _BUILDERS = {
 assert set(_BUILDERS) == set(spec.KINDS)
 
 
+# --- Views: the same scene with one factor drawn again ---------------------------------
+
+# What a view draws again (`view`): the colors, background included, or the shapes.
+VIEW_FACTORS = ("color", "shape")
+
+
+def view(
+  scene: spec.Scene,
+  factor: str,
+  rng: np.random.Generator,
+  held_out: HeldOut = spec.DEFAULT_HELD_OUT,
+) -> spec.Scene:
+  """`scene` with its colors ("color": the background and every object's color) or every
+  object's shape ("shape") drawn again, uniformly among the values that make neither a
+  `held_out` pair nor an object of its background's color (a value may be drawn again).
+  Cells, sizes and sides are kept; the caption is the scene's own.
+
+  A tokenizer trained to code an image and its views alike in the groups that should
+  not see `factor` learns codes that leave it out (`parti.tokenizer.trainer`). Views never
+  show a held-out pair, so a tokenizer trained on them has seen no more of the
+  compositional split than Parti has.
+  """
+  if factor not in VIEW_FACTORS:
+    raise ValueError(f"Unknown view factor {factor!r}; known: {VIEW_FACTORS}.")
+  background = scene.background
+  if factor == "color":
+    backgrounds = list(spec.BACKGROUNDS)
+    background = backgrounds[rng.integers(len(backgrounds))]
+  style = _Style(background, frozenset(map(tuple, held_out)))
+  objects = []
+  for obj in scene.objects:
+    if factor == "color":
+      options = [c for c in spec.COLORS if style.allowed(c, obj.shape)]
+      obj = dataclasses.replace(obj, color=options[rng.integers(len(options))])
+    else:
+      options = [s for s in spec.SHAPES if style.allowed(obj.color, s)]
+      # A held_out list may leave a color no shape at all: the object then keeps its own.
+      if options:
+        obj = dataclasses.replace(obj, shape=options[rng.integers(len(options))])
+    objects.append(obj)
+  return dataclasses.replace(scene, background=background, objects=tuple(objects))
+
+
 # --- Scenes as flat examples (the TFDS features) and back ------------------------------
 
 NO_RELATION = "none"
