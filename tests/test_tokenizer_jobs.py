@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import seqio
 import tensorflow as tf
@@ -74,6 +75,84 @@ def test_losses_decrease_on_a_fixed_batch():
     state, metrics = step(state, images)
     totals.append(float(metrics["loss/l2"]))
   assert totals[-1] < 0.5 * totals[0], totals
+
+
+def _palette_config():
+  return tiny_tokenizer_config(
+    encoder="patch_mlp", decoder="patch", codebook_size=64, codebook_groups=2,
+    group_layout="stacked", group_order=(1, 0), decoder_head="palette",
+  )  # fmt: skip
+
+
+def test_views_pull_together_the_groups_their_factor_should_not_reach():
+  from flax import linen as nn
+
+  config = _palette_config()
+  views = ("image_recolored", "image_reshaped")  # Group 0 says the colors, group 1 the layout.
+  trainer = trainer_lib.Trainer(
+    config, losses.LossWeights(perceptual=0.0, adversarial=0.0),
+    optim.adam(optim.AdamConfig(learning_rate=3e-3, warmup_steps=1), 40),
+    optim.adam(optim.AdamConfig(warmup_steps=1), 40), 8, views=views,
+  )  # fmt: skip
+  state = nn.meta.unbox(jax.jit(trainer.init)(jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  same = {"image": images, "image_recolored": images, "image_reshaped": images}
+  step = jax.jit(lambda s, b: trainer.train_step(s, b, False))
+  _, metrics = step(state, same)
+  assert float(metrics["loss/view_invariance"]) == pytest.approx(0.0, abs=1e-12)
+  # A view only its palette group should see: its layout codes must match the image's.
+  recolored = {**same, "image_recolored": images[..., ::-1]}
+  latents = jax.jit(
+    lambda p, x: trainer.model.apply({"params": p}, x, method=lambda m, y: m.latents(y)[0])
+  )
+  gap = lambda params: float(  # noqa: E731
+    jnp.mean(
+      (latents(params, images)[..., 1, :] - latents(params, images[..., ::-1])[..., 1, :]) ** 2
+    )
+  )
+  before = gap(state.params)
+  _, metrics = step(state, recolored)
+  assert float(metrics["loss/view_invariance"]) > 0
+  for _ in range(40):
+    state, metrics = step(state, recolored)
+  assert gap(state.params) < 0.2 * before
+  with pytest.raises(ValueError, match="views names 1 features for 2 codebook groups"):
+    trainer_lib.Trainer(config, losses.LossWeights(), optax.sgd(0.0), optax.sgd(0.0), 8, ("a",))
+
+
+@pytest.fixture(scope="module")
+def views_task(tmp_path_factory):
+  """A tiny 32 px shapes config with views, registered: its `_views` task's name."""
+  from parti.tasks import prepare_shapes
+
+  data_dir = str(tmp_path_factory.mktemp("tfds_views"))
+  shapes = prepare_shapes.prepare_shapes(
+    data_dir=data_dir, config="test_views_32", image_size=32, num_train=16, num_eval=8,
+    placement="centered", views=True,
+  )  # fmt: skip
+  seqio.set_tfds_data_dir_override(data_dir)
+  registry._register_shapes(shapes.builder_config)
+  return "parti_shapes_test_views_32_views"
+
+
+def test_the_job_trains_on_views_and_refuses_views_it_cannot_use(tmp_path, views_task):
+  views = ("image_recolored", "image_reshaped")
+  _train(tmp_path / "ok", views_task, num_steps=2, config=_palette_config(), group_views=views)
+  metrics = metric_logging.read_metrics(tmp_path / "ok")
+  assert metrics[2]["loss/view_invariance"] > 0
+  bad = [
+    (dict(group_views=views[:1]), "names 1 view.*codebook_groups = 2"),
+    (dict(group_views=("image_recolored", "image_recolored")), "distinct features"),
+    (dict(group_views=("image", "")), "distinct features other than 'image'"),
+    (dict(group_views=("", "")), "name at least one view"),
+    (dict(task="parti_shapes_test_views_32_images"), r"not the view feature\(s\)"),
+  ]
+  for overrides, message in bad:
+    arguments = {"task": views_task, "config": _palette_config(), "group_views": views, **overrides}
+    with pytest.raises(ConfigError, match=message):
+      _train(tmp_path / "bad", num_steps=1, **arguments)
+  with pytest.raises(ConfigError, match="at least 2 codebook groups"):
+    _train(tmp_path / "bad", views_task, num_steps=1, group_views=("image_recolored",))
 
 
 def _flat_images_with_one_noisy_patch(config):
@@ -218,16 +297,24 @@ def test_negative_restart_steps_are_refused(tmp_path, shapes_task_name):
     _train(tmp_path, shapes_task_name + "_images", num_steps=2, dead_code_restart_until=-1)
 
 
-@pytest.mark.parametrize(("until", "restarted_at"), [(None, [3, 6, 9]), (6, [3, 6]), (0, [])])
-def test_dead_codes_restart_every_n_steps_until_the_last_step_allowed(until, restarted_at):
+@pytest.mark.parametrize(
+  ("until", "num_steps", "restarted_at"),
+  [(None, 10, [3, 6, 9]), (6, 10, [3, 6]), (0, 10, []), (None, 9, [3, 6])],
+)
+def test_dead_codes_restart_every_n_steps_until_the_last_step_allowed(
+  until, num_steps, restarted_at
+):
+  """Never at the run's last step (num_steps 9): the decoder would have no step left to
+  learn the restarted codes."""
+
   class CountingTrainer:
     def restart_dead_codes(self, state, images, rng):
       del images, rng
       return state + 1, jnp.int32(7)
 
-  after_step = train._dead_code_restarts(CountingTrainer(), 3, until, seed=0)
+  after_step = train._dead_code_restarts(CountingTrainer(), 3, until, seed=0, num_steps=num_steps)
   state, seen = jnp.int32(0), []
-  for step in range(1, 11):
+  for step in range(1, num_steps + 1):
     before = int(state)  # The restart donates the state it is given.
     state, _ = after_step(step, state, jnp.zeros((1, 4, 4, 3)), None)
     if int(state) != before:

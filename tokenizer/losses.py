@@ -24,6 +24,9 @@ class LossWeights:
     perceptual: the LPIPS-style VGG distance (needs a weights file; else off).
     adversarial: the generator's adversarial term.
     codebook: the VQ codebook term (1.0 in VQ-VAE).
+    view_invariance: with views (`train_tokenizer.group_views`), the squared distance
+      between an image's and its view's normalized encoder outputs in every group the
+      view's factor should not reach.
     commitment: set by TokenizerConfig.commitment_cost; kept here for the log.
     adversarial_start_step: steps before this train without the discriminator.
     gan_loss: "non_saturating" or "hinge".
@@ -35,6 +38,7 @@ class LossWeights:
   perceptual: float = 0.1
   adversarial: float = 0.1
   codebook: float = 1.0
+  view_invariance: float = 1.0
   adversarial_start_step: int = 0
   gan_loss: str = "non_saturating"
   r1_gamma: float = 10.0

@@ -65,6 +65,7 @@ def train(
   dead_code_restart_until: int | None = None,
   init_from: str | None = None,
   freeze: Sequence[str] = (),
+  group_views: Sequence[str] = (),
   tfds_data_dir: str | None = None,
   seed: int = 0,
 ) -> dict[str, float]:
@@ -96,6 +97,11 @@ def train(
       decoder then has to learn to draw it; stopping earlier leaves it the steps.
     init_from: a tokenizer MODEL_DIR whose parameters start this run (stage two).
     freeze: top-level parameter groups not to train ("encoder", "quantizer", "decoder").
+    group_views: empty, or per codebook group the task feature holding a view of each
+      image that changes only what that group should code ("" for none): every other
+      group is trained to code the view as it codes the image
+      (`LossWeights.view_invariance`; `parti.tokenizer.trainer`). The palette tokenizer
+      on the shapes: ("image_recolored", "image_reshaped") of a `_views` task.
     tfds_data_dir: where TFDS datasets are prepared (default: TFDS's).
     seed: the seed of initialization, data order and dead-code restarts.
 
@@ -116,25 +122,35 @@ def train(
       "dead_code_restart_every and dead_code_restart_until must not be negative, got "
       f"{dead_code_restart_every} and {dead_code_restart_until}."
     )
+  views = _check_group_views(group_views, config)
   device_mesh, rules = loop.start_mesh(mesh, batch_size, tfds_data_dir)
   perceptual = partitioning.replicate(_perceptual_weights(vgg_weights, loss_weights), device_mesh)
 
+  features = ["image", *views]
   dataset = input_pipeline.split_reader(
     task,
-    task_feature_lengths={"image": config.image_size},
+    task_feature_lengths={name: config.image_size for name in features},
     feature_converter=seqio.PassThroughFeatureConverter(),
     global_batch_size=batch_size,
     seed=seed,
   )
   train_data = dataset(train_split, None)
+  missing = [name for name in features if name not in train_data.element_spec]
+  if missing:
+    raise ConfigError(
+      f"Task {task!r} yields {sorted(train_data.element_spec)}, not the view feature(s) "
+      f"{missing} that group_views names (the shapes' views are in a `_views` task)."
+    )
   # A task of another image size is refused before the model is built, where its
   # static shape says so; `to_global` checks every batch for the tasks it does not.
-  if None not in (static := train_data.element_spec["image"].shape[1:]):
-    _check_image_shape(tuple(static), task, config)
+  for name in features:
+    if None not in (static := train_data.element_spec[name].shape[1:]):
+      _check_image_shape(tuple(static), task, config)
 
   trainer = _make_trainer(
-    config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps
-  )
+    config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps,
+    group_views,
+  )  # fmt: skip
   state, state_shardings = partitioning.init_sharded(
     lambda: trainer.init(jax.random.key(seed)), device_mesh, rules
   )
@@ -151,27 +167,36 @@ def train(
   batch_sharding = partitioning.logical_sharding(device_mesh, ("batch", None, None, None), rules)
   replicated = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec())
 
-  def to_global(batch) -> jax.Array:
-    images = np.asarray(batch["image"], np.float32)
+  def global_images(batch, name: str = "image") -> jax.Array:
+    images = np.asarray(batch[name], np.float32)
     _check_image_shape(images.shape[1:], task, config)
     return jax.make_array_from_process_local_data(batch_sharding, images)
 
+  def to_global(batch):
+    """The step's batch: the images, or with views a dict of them and the views."""
+    if not views:
+      return global_images(batch)
+    return {name: global_images(batch, name) for name in features}
+
   evaluate = _evaluator(
     jax.jit(trainer.eval_step, out_shardings=replicated),
-    lambda: dataset(eval_split, 1).take(eval_batches), to_global, config, batch_size,
+    lambda: dataset(eval_split, 1).take(eval_batches), global_images, config, batch_size,
     eval_split, device_mesh, rules,
   )  # fmt: skip
+  step_batch_sharding = {name: batch_sharding for name in features} if views else batch_sharding
 
   gan_start = loss_weights.adversarial_start_step if loss_weights.adversarial > 0 else None
   hooks = loop.Hooks(
     step=gan.gan_schedule_step(
-      trainer.train_step, gan_start, state_shardings, batch_sharding, replicated, perceptual
+      trainer.train_step, gan_start, state_shardings, step_batch_sharding, replicated, perceptual
     ),
     next_batch=lambda: to_global(next(resumed.iterator)),
     loss_key="loss/total",
     metric_prefix="",
     evaluate=evaluate,
-    after_step=_dead_code_restarts(trainer, dead_code_restart_every, dead_code_restart_until, seed),
+    after_step=_dead_code_restarts(
+      trainer, dead_code_restart_every, dead_code_restart_until, seed, num_steps
+    ),
   )
   return loop.run(
     hooks, resumed, schedule=schedule, mesh=device_mesh, rules=rules, model_dir=model_dir,
@@ -187,15 +212,41 @@ def _check_image_shape(shape: tuple, task: str, config: TokenizerConfig) -> None
     )
 
 
+def _check_group_views(group_views: Sequence[str], config: TokenizerConfig) -> list[str]:
+  """The view features `group_views` names (none when it is empty)."""
+  if not group_views:
+    return []
+  if config.codebook_groups < 2:
+    raise ConfigError(
+      "group_views trains a tokenizer's codebook groups apart, so it needs at least 2 "
+      f"codebook groups; this one has {config.codebook_groups}."
+    )
+  if len(group_views) != config.codebook_groups:
+    raise ConfigError(
+      f"group_views names {len(group_views)} view(s), one per codebook group is needed: "
+      f"the tokenizer has codebook_groups = {config.codebook_groups}."
+    )
+  views = [name for name in group_views if name]
+  if not views:
+    raise ConfigError(f"group_views {tuple(group_views)} must name at least one view.")
+  if len(set(views)) != len(views) or "image" in views:
+    raise ConfigError(
+      f"group_views {tuple(group_views)} must name distinct features other than 'image'."
+    )
+  return views
+
+
 def _make_trainer(
-  config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps
-) -> trainer_lib.Trainer:
+  config, loss_weights, optimizer, disc_optimizer, disc_channels, freeze, num_steps,
+  group_views=(),
+) -> trainer_lib.Trainer:  # fmt: skip
   return trainer_lib.Trainer(
     config,
     loss_weights,
     trainer_lib.freeze_groups(optim.adam(optimizer, num_steps), freeze),
     optim.adam(disc_optimizer, num_steps),
     disc_channels,
+    views=group_views,
   )
 
 
@@ -208,14 +259,19 @@ def _perceptual_weights(vgg_weights: str | None, loss_weights: losses.LossWeight
   return None
 
 
-def _dead_code_restarts(trainer, every: int, until: int | None, seed: int):
+def _dead_code_restarts(trainer, every: int, until: int | None, seed: int, num_steps: int):
   """Every `every` steps (0: never) up to step `until` (None: no end), moves the codes
-  unused since the last restart."""
+  unused since the last restart; never at the last step, where a restarted code would
+  take over the encoder outputs it lands on with no step left for the decoder to learn
+  to draw it (a 1500-step run restarted at its end kept 26% of the test scenes, against
+  100% for 2000 steps: bench/README.md)."""
   restart = jax.jit(trainer.restart_dead_codes, donate_argnums=0)
 
   def after_step(step: int, state, images, writer):
     del writer  # Restarts log a line, not a metric.
     if not (every and step % every == 0) or (until is not None and step > until):
+      return state, False
+    if step >= num_steps:
       return state, False
     state, restarted = restart(state, images, jax.random.fold_in(jax.random.key(seed), step))
     logging.info("Step %d: restarted %d dead codes.", step, int(restarted))

@@ -1,9 +1,19 @@
 """The tokenizer's training state and jitted steps: the generator and discriminator
 updates, dead-code restarts and the evaluation step (`parti.tokenizer.train` drives
-them through `parti.training.loop`)."""
+them through `parti.training.loop`).
+
+With views (`Trainer(views=...)`), each image comes with, per codebook group, an image
+that differs from it only in what that group should code (the shapes' recolored and
+reshaped scenes). Every other group must then code the view as it codes the image: their
+normalized encoder outputs are pulled together (`LossWeights.view_invariance`). The
+reconstruction alone does not split the factors: without views, most of a palette
+tokenizer's layout codes still tell the color, and Parti then binds a shape to the colors
+its codes were seen with (bench/README.md).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +49,16 @@ class Trainer:
     optimizer: optax.GradientTransformation,
     disc_optimizer: optax.GradientTransformation,
     disc_channels: int,
+    views: Sequence[str] = (),
   ):
+    """`views`: empty, or per codebook group the batch feature holding a view of each
+    image that changes only what that group codes ("" where a group has none); the
+    batches the steps take are then dicts of `image` and those features."""
+    if views and len(views) != config.codebook_groups:
+      raise ValueError(
+        f"views names {len(views)} features for {config.codebook_groups} codebook groups."
+      )
+    self.views = tuple(views) if any(views) else ()
     self.config = config
     self.weights = weights
     self.model = model.VitVQGAN(config)
@@ -61,8 +80,28 @@ class Trainer:
       code_counts=jnp.zeros((self.config.codebook_size,), jnp.int32),
     )
 
-  def _generator_loss(self, params, disc_params, images, with_gan: bool, perceptual_weights):
+  def images(self, batch) -> jax.Array:
+    """The images [B, H, W, 3] of a batch (an array, or with views a dict)."""
+    return batch["image"] if self.views else batch
+
+  def _view_invariance(self, params, images, batch):
+    """(invariance loss, view ids [B, N, groups] per view): each view's encoder outputs
+    against the image's, in the groups its factor should leave unchanged."""
+    apply = functools.partial(self.model.apply, {"params": params}, method="latents")
+    z, _, _ = apply(images)
+    distances, view_ids = [], []
+    for group, feature in enumerate(self.views):
+      if not feature:
+        continue
+      z_view, ids, _ = apply(batch[feature])
+      others = [g for g in range(self.config.codebook_groups) if g != group]
+      distances.append(jnp.mean((z[..., others, :] - z_view[..., others, :]) ** 2))
+      view_ids.append(ids)
+    return sum(distances) / len(distances), view_ids
+
+  def _generator_loss(self, params, disc_params, batch, with_gan: bool, perceptual_weights):
     cfg, w = self.config, self.weights
+    images = self.images(batch)
     raw, ids, vq = self.model.apply({"params": params}, images)
     reconstruction = model.to_image(raw, cfg)
     rgb = raw[..., :3] if not cfg.logit_laplace else reconstruction
@@ -84,24 +123,31 @@ class Trainer:
       fake = self.disc.apply({"params": disc_params}, reconstruction)
       terms["adversarial"] = losses.generator_adversarial(fake, w.gan_loss)
       total += w.adversarial * terms["adversarial"]
+    if self.views:
+      terms["view_invariance"], view_ids = self._view_invariance(params, images, batch)
+      total += w.view_invariance * terms["view_invariance"]
+      # The views' codes count as used, as the images' do (dead-code restarts).
+      ids = jnp.concatenate([ids.reshape(-1), *(v.reshape(-1) for v in view_ids)])
     terms["total"] = total
     return total, (terms, reconstruction, ids)
 
   def train_step(
     self,
     state: TokenizerState,
-    images: jax.Array,
+    batch,
     with_gan: bool,
     perceptual_weights: dict | None = None,
   ):
     """One generator update (and, with the GAN on, one discriminator update).
 
+    `batch`: images [B, H, W, 3] in [0, 1]; with views, a dict of them and the views.
     `perceptual_weights`: VGG16's (`vgg.load_vgg16`) for the perceptual loss, None for
     none; pass them as an argument of the jitted step (see `gan.gan_schedule_step`).
     """
+    images = self.images(batch)
     grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
     (_, (terms, reconstruction, ids)), grads = grad_fn(
-      state.params, state.disc_params, images, with_gan, perceptual_weights
+      state.params, state.disc_params, batch, with_gan, perceptual_weights
     )
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -128,8 +174,9 @@ class Trainer:
     )
     return state, metrics
 
-  def restart_dead_codes(self, state: TokenizerState, images: jax.Array, rng: jax.Array):
-    """Moves codes unused since the last restart onto current encoder outputs.
+  def restart_dead_codes(self, state: TokenizerState, batch, rng: jax.Array):
+    """Moves codes unused since the last restart onto current encoder outputs (of the
+    batch's images and views).
 
     Outputs are drawn with probability proportional to their squared distance to the
     nearest code (k-means++ seeding), not uniformly: in images that are mostly flat
@@ -138,6 +185,9 @@ class Trainer:
     """
 
     cfg = self.config
+    images = self.images(batch)
+    if self.views:
+      images = jnp.concatenate([images, *(batch[v] for v in self.views if v)])
 
     def encode(module, x):
       z = module.encoder(x).reshape(-1, cfg.codebook_groups * cfg.code_dim)
