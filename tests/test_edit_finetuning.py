@@ -61,6 +61,17 @@ def test_random_masks_are_boxes_borders_or_everything_and_never_empty():
     edit_masks.EditMaskConfig(box=0.0, border=0.0, everything=0.0)
 
 
+def test_stacked_grids_redraw_the_same_patches_in_every_group():
+  rows, cols = 3, 4  # One group's patch grid; the token grid holds two of them in turn.
+  masks = np.asarray(
+    edit_masks.random_masks(
+      jax.random.key(2), 256, (2 * rows, cols), edit_masks.EditMaskConfig(), stacked=2
+    )
+  ).reshape(256, 2, rows * cols)
+  np.testing.assert_array_equal(masks[:, 0], masks[:, 1])
+  assert masks[:, 0].any(axis=1).all() and not masks[:, 0].all(axis=1).all()
+
+
 def test_edit_features_mask_the_context_where_the_loss_is():
   targets = jnp.tile(jnp.arange(16)[None], (32, 1))
   batch = {"decoder_target_tokens": targets, "decoder_loss_weights": jnp.ones_like(targets)}

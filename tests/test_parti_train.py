@@ -437,13 +437,19 @@ def test_tokens_per_patch_must_be_one_or_the_tokenizers_groups(groups, tokens_pe
       checkpoint_io.check_token_layout(config, groups, "runs/tokens")
 
 
-def test_stacked_groups_are_drawn_in_turn_and_not_fine_tuned_for_editing():
-  # Each group's grid in turn: a patch's tokens are image_length / 2 apart, so neither
-  # drawing them apart (tokens_per_patch 2) nor the token grid's edit rectangles fit.
+def test_stacked_groups_are_drawn_in_turn_and_fine_tuned_for_editing_as_stacked_grids():
+  # Each group's grid in turn: a patch's tokens are image_length / 2 apart, so they cannot
+  # be drawn apart (tokens_per_patch 2), and editing's regions must know the grids.
   in_turn, apart = (tiny_run_config(image_grid=(4, 2), tokens_per_patch=n) for n in (1, 2))
   checkpoint_io.check_token_layout(in_turn, 2, "runs/tokens", "stacked")
   with pytest.raises(ConfigError, match=r"'stacked'.*set tokens_per_patch to 1"):
     checkpoint_io.check_token_layout(apart, 2, "runs/tokens", "stacked")
-  with pytest.raises(ConfigError, match=r"'stacked'.*edit_masks"):
+  with pytest.raises(ConfigError, match=r"'stacked'.*stacked_groups is 1: set it to 2"):
     checkpoint_io.check_token_layout(in_turn, 2, "runs/tokens", "stacked", editing=True)
+  editable = tiny_run_config(image_grid=(4, 2), stacked_groups=2)
+  checkpoint_io.check_token_layout(editable, 2, "runs/tokens", "stacked", editing=True)
   checkpoint_io.check_token_layout(apart, 2, "runs/tokens", "interleaved", editing=True)
+  with pytest.raises(ConfigError, match="stacked_groups is 2, but runs/tokens does not stack"):
+    checkpoint_io.check_token_layout(editable, 2, "runs/tokens", "interleaved")
+  with pytest.raises(ConfigError, match="stacked_groups 2 must divide the image grid's 3 rows"):
+    tiny_run_config(image_grid=(3, 2), stacked_groups=2)

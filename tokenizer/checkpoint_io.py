@@ -98,8 +98,8 @@ def check_token_layout(
   A model may draw a patch's sub-codes one after another (tokens_per_patch 1) or, when
   they sit side by side, each independently (tokens_per_patch = codebook_groups); any
   other count would restrict positions to the wrong groups' codes. Stacked groups are
-  drawn one after another only, and editing's random masks, rectangles of the token
-  grid, are image regions only when a patch's tokens sit side by side.
+  drawn one after another only, and editing's random regions cover every group's tokens
+  of their patches only when the model's `stacked_groups` says how many grids there are.
 
   Raises:
     ConfigError: naming `source` (the tokenizer or token folder) and what to change.
@@ -111,7 +111,13 @@ def check_token_layout(
       f"{source} has {codebook_groups} token(s) per patch (codebook_groups), but the model's "
       f"tokens_per_patch is {model_config.tokens_per_patch}: set it to 1 or {codebook_groups}."
     )
-  if codebook_groups > 1 and group_layout == "stacked":
+  stacked_layout = codebook_groups > 1 and group_layout == "stacked"
+  if model_config.stacked_groups != 1 and not stacked_layout:
+    raise ConfigError(
+      f"The model's stacked_groups is {model_config.stacked_groups}, but {source} does not "
+      "stack its codes' groups (group_layout 'stacked'): set stacked_groups to 1."
+    )
+  if stacked_layout:
     stacked = (
       f"{source} writes each of its {codebook_groups} groups' grids in turn "
       "(group_layout 'stacked')"
@@ -120,8 +126,9 @@ def check_token_layout(
       raise ConfigError(
         f"{stacked}, so a patch's tokens are not side by side: set tokens_per_patch to 1."
       )
-    if editing:
+    if editing and model_config.stacked_groups != codebook_groups:
       raise ConfigError(
-        f"{stacked}: edit_masks' rectangles of the token grid would not be image regions. "
-        "Fine-tune for editing on a tokenizer whose groups sit side by side."
+        f"{stacked}, but the model's stacked_groups is {model_config.stacked_groups}: set "
+        f"it to {codebook_groups}, so that editing's random regions cover a patch's tokens "
+        "in every group."
       )

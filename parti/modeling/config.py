@@ -69,6 +69,10 @@ class PartiConfig(JsonConfig):
       inputs are shifted by a whole patch, not by one token). So a patch's color code
       does not condition its shape code, and a combination never seen in training
       (the shapes' held-out color-shape pairs) is as reachable as its parts.
+    stacked_groups: patch grids the token grid holds one after another (the tokenizer's
+      `codebook_groups` when its `group_layout` is "stacked"; 1 otherwise). Only editing's
+      random regions read it: a region is drawn on one patch grid and covers every
+      group's tokens of those patches, as an edit request's region does.
   """
 
   text_vocab_size: int = 16_384
@@ -97,6 +101,7 @@ class PartiConfig(JsonConfig):
   edit_context: bool = False
   transposed_key_cache: bool = False
   tokens_per_patch: int = 1
+  stacked_groups: int = 1
 
   def __post_init__(self):
     if isinstance(self.image_grid, list):  # From JSON.
@@ -116,7 +121,7 @@ class PartiConfig(JsonConfig):
         )
     positive = (
       "text_vocab_size", "text_length", "image_vocab_size", "embed_dim", "mlp_dim", "num_heads",
-      "num_encoder_layers", "num_decoder_layers", "tokens_per_patch",
+      "num_encoder_layers", "num_decoder_layers", "tokens_per_patch", "stacked_groups",
     )  # fmt: skip
     for field in positive:
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
@@ -125,6 +130,11 @@ class PartiConfig(JsonConfig):
         )
     if len(self.image_grid) != 2 or min(self.image_grid) < 1:
       raise ConfigError(f"PartiConfig.image_grid must be (rows, cols), got {self.image_grid!r}.")
+    if self.image_grid[0] % self.stacked_groups:
+      raise ConfigError(
+        f"PartiConfig.stacked_groups {self.stacked_groups} must divide the image grid's "
+        f"{self.image_grid[0]} rows: each group's patch grid is a block of whole rows."
+      )
     if self.image_grid[1] % self.tokens_per_patch or self.image_vocab_size % self.tokens_per_patch:
       raise ConfigError(
         f"PartiConfig.tokens_per_patch {self.tokens_per_patch} must divide the image grid's "

@@ -1,6 +1,6 @@
 """Random regions to redraw, for fine-tuning the editing head (`PartiConfig.edit_context`).
 
-GLIDE fine-tuned its inpainting model on random masks; ours are over the token grid,
+GLIDE fine-tuned its inpainting model on random masks; ours are over the patch grid,
 drawn inside the train step from its own key, of three kinds that cover the edits
 inference sees (`parti.sampling.editing`):
 
@@ -49,10 +49,14 @@ def _rectangles(rng: jax.Array, batch: int, rows: int, cols: int) -> jax.Array:
   return row_in[:, :, None] & col_in[:, None, :]
 
 
-def random_masks(rng: jax.Array, batch: int, grid: tuple[int, int], config: EditMaskConfig):
+def random_masks(
+  rng: jax.Array, batch: int, grid: tuple[int, int], config: EditMaskConfig, stacked: int = 1
+):
   """bool [batch, rows * cols]: the tokens each example redraws, never none of them
-  (a border whose kept rectangle is the whole grid redraws everything instead)."""
-  rows, cols = grid
+  (a border whose kept rectangle is the whole grid redraws everything instead). With
+  `stacked` patch grids one after another on the token grid (`PartiConfig.stacked_groups`),
+  a region is drawn on one of them and covers the same patches in each."""
+  rows, cols = grid[0] // stacked, grid[1]
   kind_key, box_key = jax.random.split(rng)
   weights = jnp.asarray([config.box, config.border, config.everything], jnp.float32)
   kind = jax.random.categorical(kind_key, jnp.log(weights), shape=(batch,))
@@ -60,14 +64,15 @@ def random_masks(rng: jax.Array, batch: int, grid: tuple[int, int], config: Edit
   border = ~rectangle
   border = jnp.where(border.any(axis=1, keepdims=True), border, True)
   masks = jnp.stack([rectangle, border, jnp.ones_like(rectangle)], axis=1)
-  return jnp.take_along_axis(masks, kind[:, None, None], axis=1)[:, 0]
+  masks = jnp.take_along_axis(masks, kind[:, None, None], axis=1)[:, 0]
+  return jnp.tile(masks, (1, stacked))
 
 
 def edit_features(batch: dict, rng: jax.Array, config, masks: EditMaskConfig) -> dict:
   """A token batch with `edit_context_tokens` (the targets, `config.mask_id` where
   redrawn) added, and loss on the redrawn tokens only."""
   targets = batch["decoder_target_tokens"]
-  redraw = random_masks(rng, targets.shape[0], config.image_grid, masks)
+  redraw = random_masks(rng, targets.shape[0], config.image_grid, masks, config.stacked_groups)
   weights = batch["decoder_loss_weights"] * redraw.astype(batch["decoder_loss_weights"].dtype)
   return {
     **batch,
