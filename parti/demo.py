@@ -5,9 +5,9 @@
 
 Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
 
-  1. data       prepare the 48x48 shapes, objects centered         parti.tasks.prepare_shapes
+  1. data       prepare the 48x48 shapes and their views           parti.tasks.prepare_shapes
   2. vocab      train the SentencePiece vocabulary on captions    parti.tasks.train_vocab
-  3. tokenizer  train the ViT-VQGAN (3x3 tokens of 512 codes)     parti.tokenizer.train
+  3. tokenizer  train the ViT-VQGAN (3x3 patches, 2 codes each)   parti.tokenizer.train
   4. encode     pre-encode the dataset to image tokens            parti.tokenizer.encode
   5. parti      train a small Parti with CFG dropout              parti.train
   6. infer      batch inference on held-out prompts               parti.infer

@@ -36,7 +36,7 @@ def test_each_size_trains_a_bigger_model_with_the_demo_recipe():
   assert widths == sorted(widths) and len(set(widths)) == 3
   assert len(set(steps)) == 1  # The same steps for every size.
   # ... on the long demo's 100k scenes, which the prerequisites prepare.
-  assert set(tasks) == {"parti_shapes_48_100k_centered_tokens"}
+  assert set(tasks) == {"parti_shapes_48_100k_factored_tokens"}
   # Adam's learning rate scales as 1 / width, the demo's 3e-3 at width 64.
   assert [rate * width for rate, width in zip(rates, widths, strict=True)] == pytest.approx(
     [3e-3 * 64] * 3
