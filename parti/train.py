@@ -109,6 +109,7 @@ def train(
   peak_flops: float | None = None,
   tfds_data_dir: str | None = None,
   shuffle: bool = True,
+  in_memory: bool = False,
   samples: SampleConfig = SampleConfig(),
   edit_masks: EditMaskConfig | None = None,
   seed: int = 0,
@@ -149,6 +150,10 @@ def train(
     tfds_data_dir: where TFDS datasets are prepared.
     shuffle: shuffle the training examples. Each host shuffles its own shard, so
       only an unshuffled run sees the same global batches on any number of hosts.
+    in_memory: preprocess the training split once and hold it in memory, each epoch
+      in a fresh permutation (`parti.tasks.input_pipeline.permuted_epochs`): for a
+      small pre-encoded split, whose caption tokenization would otherwise cost as much
+      as the step on a CPU. Refused above 1 GiB a host.
     samples: periodic sample images from validation prompts (off by default).
     edit_masks: fine-tunes the editing head (`PartiConfig.edit_context`): each example
       redraws a random region, given the rest of its image (gin/editing/).
@@ -186,6 +191,7 @@ def train(
     global_batch_size=batch_size,
     seed=seed,
     shuffle=shuffle,
+    in_memory=in_memory,
   )
 
   resumed = loop.resume(

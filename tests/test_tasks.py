@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from parti.runtime.errors import ConfigError
 from parti.tasks import (
   feature_converters,
   input_pipeline,
@@ -339,6 +340,85 @@ def test_restored_iterator_continues_from_the_next_unseen_batch(pre_encoded, tmp
 def test_restore_without_state_is_a_clear_error(pre_encoded, tmp_path):
   with pytest.raises(FileNotFoundError, match="No input state"):
     input_pipeline.ResumableIterator(_dataset()).restore(tmp_path / "empty")
+
+
+# --- Held in memory ------------------------------------------------------------------------------
+
+
+def _in_memory(shard_info=ONE_HOST, seed=0, batch=4, shuffle=True):
+  return input_pipeline.get_dataset(
+    "test_pre_encoded",
+    split="train",
+    task_feature_lengths={"inputs": 8, "targets": 6},
+    feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
+    global_batch_size=batch * shard_info.num_shards,
+    shuffle=shuffle,
+    seed=seed,
+    shard_info=shard_info,
+    in_memory=True,
+  )
+
+
+def _stream(dataset, batches: int) -> list[tuple[int, int]]:
+  return [k for b in dataset.take(batches).as_numpy_iterator() for k in _keys(b)]
+
+
+def test_in_memory_epochs_are_each_a_fresh_permutation_of_every_example(pre_encoded):
+  stream = _stream(_in_memory(), 9)  # 36 examples: three epochs of 12.
+  epochs = [stream[i : i + 12] for i in range(0, 36, 12)]
+  on_disk = sorted(_stream(_dataset(), 6))
+  for epoch in epochs:
+    assert sorted(epoch) == on_disk  # Each example once an epoch...
+  assert len({tuple(e) for e in epochs}) == 3  # ...in a new order each time,
+  assert epochs[0] != sorted(epochs[0])  # shuffled.
+  assert stream == _stream(_in_memory(), 9)  # Deterministic from the seed.
+  assert stream != _stream(_in_memory(seed=1), 9)
+  assert _stream(_in_memory(shuffle=False), 6) == _stream(_in_memory(shuffle=False), 3) * 2
+
+
+def test_in_memory_examples_match_the_ones_read_from_disk(pre_encoded):
+  def by_key(batches):
+    return {
+      tuple(int(v) for v in row[1:3]): {k: b[k][i].tolist() for k in b}
+      for b in batches
+      for i, row in enumerate(b["decoder_target_tokens"])
+    }
+
+  in_memory = by_key(_in_memory(batch=3).take(4).as_numpy_iterator())
+  assert in_memory == by_key(_dataset(batch=3).as_numpy_iterator())
+
+
+def test_in_memory_hosts_read_their_own_shards(pre_encoded):
+  seen = [set(_stream(_in_memory(seqio.ShardInfo(host, 2), batch=3), 2)) for host in range(2)]
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
+
+
+def test_in_memory_iterator_resumes_with_a_small_state(pre_encoded, tmp_path):
+  iterator = input_pipeline.ResumableIterator(_in_memory(seed=2))
+  for _ in range(5):
+    next(iterator)
+  path = iterator.save(tmp_path / "ckpt")
+  expected = [_keys(next(iterator)) for _ in range(4)]
+  resumed = input_pipeline.ResumableIterator(_in_memory(seed=2))
+  resumed.restore(tmp_path / "ckpt")
+  assert [_keys(next(resumed)) for _ in range(4)] == expected
+  state_bytes = sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*"))
+  assert state_bytes < 64 * 1024
+
+
+def test_in_memory_refuses_a_single_epoch_and_a_split_too_large(pre_encoded):
+  with pytest.raises(ConfigError, match="needs num_epochs None"):
+    input_pipeline.get_dataset(
+      "test_pre_encoded", split="train", task_feature_lengths={"inputs": 8, "targets": 6},
+      feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
+      global_batch_size=2, num_epochs=1, shard_info=ONE_HOST, in_memory=True,
+    )  # fmt: skip
+  with pytest.raises(ConfigError, match="too many to hold in memory"):
+    input_pipeline.in_memory_examples(
+      "test_pre_encoded", split="train", task_feature_lengths={"inputs": 8, "targets": 6},
+      feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
+      shard_info=ONE_HOST, max_bytes=100,
+    )  # fmt: skip
 
 
 def test_global_batch_must_split_over_hosts():
