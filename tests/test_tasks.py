@@ -295,17 +295,18 @@ def _keys(batch) -> list[tuple[int, int]]:
   return [tuple(int(v) for v in row[1:3]) for row in batch["decoder_target_tokens"]]
 
 
-def _dataset(shard_info=ONE_HOST, seed=0, batch=2):
+def _dataset(shard_info=ONE_HOST, seed=0, batch=2, shuffle=True, num_epochs=1, in_memory=False):
   return input_pipeline.get_dataset(
     "test_pre_encoded",
     split="train",
     task_feature_lengths={"inputs": 8, "targets": 6},
     feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
     global_batch_size=batch * shard_info.num_shards,
-    shuffle=True,
+    shuffle=shuffle,
     seed=seed,
-    num_epochs=1,
+    num_epochs=num_epochs,
     shard_info=shard_info,
+    in_memory=in_memory,
   )
 
 
@@ -346,17 +347,7 @@ def test_restore_without_state_is_a_clear_error(pre_encoded, tmp_path):
 
 
 def _in_memory(shard_info=ONE_HOST, seed=0, batch=4, shuffle=True):
-  return input_pipeline.get_dataset(
-    "test_pre_encoded",
-    split="train",
-    task_feature_lengths={"inputs": 8, "targets": 6},
-    feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
-    global_batch_size=batch * shard_info.num_shards,
-    shuffle=shuffle,
-    seed=seed,
-    shard_info=shard_info,
-    in_memory=True,
-  )
+  return _dataset(shard_info, seed, batch, shuffle, num_epochs=None, in_memory=True)
 
 
 def _stream(dataset, batches: int) -> list[tuple[int, int]]:
@@ -408,11 +399,7 @@ def test_in_memory_iterator_resumes_with_a_small_state(pre_encoded, tmp_path):
 
 def test_in_memory_refuses_a_single_epoch_and_a_split_too_large(pre_encoded):
   with pytest.raises(ConfigError, match="needs num_epochs None"):
-    input_pipeline.get_dataset(
-      "test_pre_encoded", split="train", task_feature_lengths={"inputs": 8, "targets": 6},
-      feature_converter=feature_converters.ImageTokensFeatureConverter(bos_id=16),
-      global_batch_size=2, num_epochs=1, shard_info=ONE_HOST, in_memory=True,
-    )  # fmt: skip
+    _dataset(num_epochs=1, in_memory=True)
   with pytest.raises(ConfigError, match="too many to hold in memory"):
     input_pipeline.in_memory_examples(
       "test_pre_encoded", split="train", task_feature_lengths={"inputs": 8, "targets": 6},

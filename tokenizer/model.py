@@ -229,8 +229,14 @@ class VitVQGAN(nn.Module):
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Returns (raw decoder outputs, ids [B, h, w], VQ losses)."""
-    quantized, ids, losses = self.quantizer(self.encoder(images))
-    return self.decoder(quantized), self.config.to_grid(ids), losses
+    return self.reconstruct_with_latents(images)[:3]
+
+  def reconstruct_with_latents(self, images: jax.Array):
+    """`__call__`'s (raw decoder outputs, ids [B, h, w], VQ losses), and the encoder
+    outputs [B, N, groups, code_dim] as the lookup sees them (`latents`), from one pass."""
+    z = self.encoder(images)
+    quantized, ids, losses = self.quantizer(z)
+    return self.decoder(quantized), self.config.to_grid(ids), losses, self.quantizer.split(z)
 
   def latents(self, images: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(encoder outputs [B, N, groups, code_dim] as the lookup sees them, code ids

@@ -84,11 +84,11 @@ class Trainer:
     """The images [B, H, W, 3] of a batch (an array, or with views a dict)."""
     return batch["image"] if self.views else batch
 
-  def _view_invariance(self, params, images, batch):
+  def _view_invariance(self, params, z, batch):
     """(invariance loss, view ids [B, N, groups] per view): each view's encoder outputs
-    against the image's, in the groups its factor should leave unchanged."""
+    against the image's (`z`, the model's `latents` of the images), in the groups its
+    factor should leave unchanged."""
     apply = functools.partial(self.model.apply, {"params": params}, method="latents")
-    z, _, _ = apply(images)
     distances, view_ids = [], []
     for group, feature in enumerate(self.views):
       if not feature:
@@ -102,7 +102,12 @@ class Trainer:
   def _generator_loss(self, params, disc_params, batch, with_gan: bool, perceptual_weights):
     cfg, w = self.config, self.weights
     images = self.images(batch)
-    raw, ids, vq = self.model.apply({"params": params}, images)
+    if self.views:
+      raw, ids, vq, latents = self.model.apply(
+        {"params": params}, images, method="reconstruct_with_latents"
+      )
+    else:
+      raw, ids, vq = self.model.apply({"params": params}, images)
     reconstruction = model.to_image(raw, cfg)
     rgb = raw[..., :3] if not cfg.logit_laplace else reconstruction
     terms = {
@@ -124,7 +129,7 @@ class Trainer:
       terms["adversarial"] = losses.generator_adversarial(fake, w.gan_loss)
       total += w.adversarial * terms["adversarial"]
     if self.views:
-      terms["view_invariance"], view_ids = self._view_invariance(params, images, batch)
+      terms["view_invariance"], view_ids = self._view_invariance(params, latents, batch)
       total += w.view_invariance * terms["view_invariance"]
       # The views' codes count as used, as the images' do (dead-code restarts).
       ids = jnp.concatenate([ids.reshape(-1), *(v.reshape(-1) for v in view_ids)])
