@@ -80,7 +80,7 @@ def get_dataset(
       shard_info=shard_info,
     )
     dataset = permuted_epochs(examples, batch_size=batch, shuffle=shuffle, seed=seed)
-    return dataset.prefetch(2)
+    return dataset.prefetch(2).with_options(_WITHOUT_AUTOTUNE)
   dataset = seqio.get_dataset(
     mixture_or_task_name,
     task_feature_lengths=task_feature_lengths,
@@ -130,6 +130,14 @@ class ResumableIterator:
       raise FileNotFoundError(f"No input state for this host at {path}.")
     self._iterator.restore(path)
 
+
+# A gather on one thread and a fixed prefetch leave autotuning nothing to tune, and its
+# model thread costs the job up to a minute at exit: the iterator's destructor waits for
+# the thread's sleep, whose period doubles as the run goes on, to end (gdb: ~Iterator ->
+# LogicalThreadWrapper wait while Model::OptimizeLoop sleeps). The demo's Parti job spent
+# 33-57 s after its last step on it.
+_WITHOUT_AUTOTUNE = tf.data.Options()
+_WITHOUT_AUTOTUNE.autotune.enabled = False
 
 # Held in a tf.data graph as constants, whose protos stop at 2 GiB; leave room.
 MAX_IN_MEMORY_BYTES = 1 << 30

@@ -397,6 +397,12 @@ def test_in_memory_iterator_resumes_with_a_small_state(pre_encoded, tmp_path):
   assert state_bytes < 64 * 1024
 
 
+def test_in_memory_reader_runs_no_autotuning_thread(pre_encoded):
+  # Autotuning's model thread held the demo's Parti job up to a minute at exit.
+  assert _in_memory().options().autotune.enabled is False
+  assert _dataset().options().autotune.enabled is not False  # Reading from disk tunes.
+
+
 def test_in_memory_refuses_a_single_epoch_and_a_split_too_large(pre_encoded):
   with pytest.raises(ConfigError, match="needs num_epochs None"):
     _dataset(num_epochs=1, in_memory=True)
