@@ -1,6 +1,6 @@
 """The end-to-end demo: every stage of the system, each run as its real job with its gin file.
 
-    python -m parti.demo --runs_dir=runs/demo              # about 8 minutes on 2 CPU cores
+    python -m parti.demo --runs_dir=runs/demo              # 6 to 12 minutes on 2 CPU cores
     python -m parti.demo --runs_dir=runs/demo_long --long  # about 40 minutes: 100k scenes, longer
 
 Stages (gin/demo/*.gin; `--long` uses the *_long.gin variants where there are any):
