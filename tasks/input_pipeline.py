@@ -35,6 +35,15 @@ def host_batch_size(global_batch_size: int, process_count: int | None = None) ->
   return global_batch_size // process_count
 
 
+# The in-memory reader (a gather on one thread, a fixed prefetch) leaves autotuning
+# nothing to tune, and autotuning's model thread costs a job up to a minute at exit: the
+# iterator's destructor waits for the thread's sleep, whose period doubles as the run goes
+# on, to end (gdb: ~Iterator -> LogicalThreadWrapper wait while Model::OptimizeLoop
+# sleeps). The demo's Parti job spent 33-57 s after its last step on it.
+_WITHOUT_AUTOTUNE = tf.data.Options()
+_WITHOUT_AUTOTUNE.autotune.enabled = False
+
+
 def get_dataset(
   mixture_or_task_name: str,
   *,
@@ -130,14 +139,6 @@ class ResumableIterator:
       raise FileNotFoundError(f"No input state for this host at {path}.")
     self._iterator.restore(path)
 
-
-# A gather on one thread and a fixed prefetch leave autotuning nothing to tune, and its
-# model thread costs the job up to a minute at exit: the iterator's destructor waits for
-# the thread's sleep, whose period doubles as the run goes on, to end (gdb: ~Iterator ->
-# LogicalThreadWrapper wait while Model::OptimizeLoop sleeps). The demo's Parti job spent
-# 33-57 s after its last step on it.
-_WITHOUT_AUTOTUNE = tf.data.Options()
-_WITHOUT_AUTOTUNE.autotune.enabled = False
 
 # Held in a tf.data graph as constants, whose protos stop at 2 GiB; leave room.
 MAX_IN_MEMORY_BYTES = 1 << 30

@@ -102,12 +102,10 @@ class Trainer:
   def _generator_loss(self, params, disc_params, batch, with_gan: bool, perceptual_weights):
     cfg, w = self.config, self.weights
     images = self.images(batch)
-    if self.views:
-      raw, ids, vq, latents = self.model.apply(
-        {"params": params}, images, method="reconstruct_with_latents"
-      )
-    else:
-      raw, ids, vq = self.model.apply({"params": params}, images)
+    # The latents cost nothing where no view reads them: jit drops what goes unused.
+    raw, ids, vq, latents = self.model.apply(
+      {"params": params}, images, method="reconstruct_with_latents"
+    )
     reconstruction = model.to_image(raw, cfg)
     rgb = raw[..., :3] if not cfg.logit_laplace else reconstruction
     terms = {
